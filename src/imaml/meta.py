@@ -1,0 +1,238 @@
+"""Task meta-gradients behind one interface: θ and a task in, the meta-gradient and diagnostics out.
+
+- ``IMAML``: Algorithm 2 of Rajeswaran et al. (2019). Solve the proximal inner problem with any
+  inner solver, then solve (I + H/λ) g = ∇L_test(φ) by conjugate gradient with exact
+  Hessian-vector products at φ. Nothing of the inner trajectory is kept: memory is one
+  gradient's worth whatever the number of inner steps.
+- ``MAML``: back-prop through the inner solver's iterations (GD, or Nesterov) (Finn et al. 2017).
+- ``TruncatedMAML``: back-prop through the last T of K inner GD steps (Shaban et al. 2019); the
+  first K − T steps are treated as the identity map of θ, so T = 0 is first-order MAML and
+  T = K is full MAML.
+- ``FOMAML``: first-order MAML, g = ∇L_test(φ_K).
+- ``Reptile`` (Nichol et al. 2018): g = θ − φ_K, so that θ ← θ − β g moves θ towards φ_K.
+
+All methods take ``lam``: with λ > 0 the inner problem is the proximal G; with λ = 0 it is the
+plain support loss L̂ (the standard MAML/FOMAML/Reptile inner loop).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value
+
+from .functional import DEFAULT_HVP, FunctionalModel, ProximalProblem, check_finite, make_hvp, task_loss
+from .inner import GradientDescent, InnerResult, Nesterov, NewtonCG
+from .linear import CGResult, conjugate_gradient
+
+InnerSolver = Union[GradientDescent, Nesterov, NewtonCG]
+
+
+@dataclass
+class Task:
+    """One few-shot task: a support (training) set and a query (test) set."""
+
+    x_support: Tensor
+    y_support: Tensor
+    x_query: Tensor
+    y_query: Tensor
+
+    def __post_init__(self):
+        for x, y, name in ((self.x_support, self.y_support, "support"),
+                           (self.x_query, self.y_query, "query")):
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(f"{name} set has {x.shape[0]} inputs but {y.shape[0]} targets")
+
+
+@dataclass
+class MetaGradient:
+    """Attributes:
+        grad: the task meta-gradient (flat, same layout as θ).
+        query_loss: L_test at the adapted parameters.
+        query_accuracy: fraction of query labels predicted right (integer targets only).
+        phi: the adapted parameters (detached).
+        inner: what the inner solver reached.
+        cg: the CG result of iMAML's linear solve (None for other methods).
+    """
+
+    grad: Tensor
+    query_loss: float
+    query_accuracy: Optional[float]
+    phi: Tensor
+    inner: InnerResult
+    cg: Optional[CGResult] = None
+
+
+def _accuracy(logits: Tensor, y: Tensor) -> Optional[float]:
+    if y.dtype in (torch.int64, torch.int32) and logits.dim() == 2:
+        return float((logits.argmax(-1) == y).float().mean())
+    return None
+
+
+def _check_lam(lam: float, positive: bool) -> None:
+    if not (lam > 0 if positive else lam >= 0) or lam != lam or lam == float("inf"):
+        raise ValueError(f"lam must be {'> 0' if positive else '>= 0'} and finite, got {lam}")
+
+
+class _Method:
+    inner: InnerSolver
+    lam: float
+
+    def problem(self, model: FunctionalModel, theta: Tensor, task: Task) -> ProximalProblem:
+        return ProximalProblem(task_loss(model, task.x_support, task.y_support), theta, self.lam)
+
+    def adapt(self, model: FunctionalModel, theta: Tensor, x: Tensor, y: Tensor) -> InnerResult:
+        """Adapt θ to a support set (no meta-gradient): the inner solve alone."""
+        theta = theta.detach()
+        with torch.no_grad():
+            return self.inner.solve(ProximalProblem(task_loss(model, x, y), theta, self.lam), theta)
+
+    def _query(self, model: FunctionalModel, phi: Tensor, task: Task):
+        """(∇L_test(φ), L_test(φ), accuracy) at a detached φ, in one forward/backward."""
+        def f(p):
+            logits = model.forward(p, task.x_query)
+            return model.loss_fn(logits, task.y_query), logits
+
+        g, (loss, logits) = grad_and_value(f, has_aux=True)(phi.detach())
+        check_finite(loss, "query loss")
+        return g, float(loss), _accuracy(logits, task.y_query)
+
+
+@dataclass
+class IMAML(_Method):
+    """Implicit MAML (Algorithm 2).
+
+    Args:
+        lam: λ > 0, the proximal regularisation strength.
+        inner: any inner solver (GradientDescent, Nesterov, NewtonCG).
+        cg_max_iter: CG iterations for (I + H/λ) g = v (5 in the paper).
+        cg_rtol, cg_atol: CG residual tolerance δ′ (0 = run all iterations).
+        hvp_mode: 'rev-rev' (double back-prop) or 'fwd-rev' (forward-over-reverse).
+    """
+
+    lam: float = 2.0
+    inner: InnerSolver = field(default_factory=GradientDescent)
+    cg_max_iter: int = 5
+    cg_rtol: float = 0.0
+    cg_atol: float = 0.0
+    hvp_mode: str = DEFAULT_HVP
+
+    def __post_init__(self):
+        _check_lam(self.lam, positive=True)
+
+    def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
+        theta = theta.detach()
+        with torch.no_grad():
+            inner = self.inner.solve(self.problem(model, theta, task), theta)
+        phi = inner.phi.detach()
+        v, loss, acc = self._query(model, phi, task)
+        hvp = make_hvp(task_loss(model, task.x_support, task.y_support), phi, self.hvp_mode)
+        lam = self.lam
+        cg = conjugate_gradient(lambda u: u + hvp(u) / lam, v, max_iter=self.cg_max_iter,
+                                rtol=self.cg_rtol, atol=self.cg_atol)
+        return MetaGradient(cg.x.detach(), loss, acc, phi, inner, cg)
+
+
+@dataclass
+class MAML(_Method):
+    """MAML by full back-prop through the inner solver (GradientDescent or Nesterov).
+
+    With ``lam`` > 0 it differentiates through the iterations on the proximal G instead of L̂.
+    Memory grows linearly with the number of inner steps.
+    """
+
+    inner: InnerSolver = field(default_factory=GradientDescent)
+    lam: float = 0.0
+
+    def __post_init__(self):
+        _check_lam(self.lam, positive=False)
+        if not isinstance(self.inner, (GradientDescent, Nesterov)):
+            raise ValueError("MAML back-propagates through GradientDescent or Nesterov only")
+
+    def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
+        theta = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            inner = self.inner.solve(self.problem(model, theta, task), theta)
+            logits = model.forward(inner.phi, task.x_query)
+            loss = model.loss_fn(logits, task.y_query)
+            check_finite(loss, "query loss")
+            (g,) = torch.autograd.grad(loss, theta)
+        inner.phi = inner.phi.detach()
+        return MetaGradient(g, float(loss.detach()), _accuracy(logits.detach(), task.y_query),
+                            inner.phi, inner)
+
+
+@dataclass
+class TruncatedMAML(_Method):
+    """Back-prop through the last ``truncate`` of the inner GD steps only."""
+
+    inner: GradientDescent = field(default_factory=GradientDescent)
+    truncate: int = 5
+    lam: float = 0.0
+
+    def __post_init__(self):
+        _check_lam(self.lam, positive=False)
+        if not isinstance(self.inner, GradientDescent):
+            raise ValueError("TruncatedMAML unrolls GradientDescent only")
+        if not 0 <= self.truncate <= self.inner.steps:
+            raise ValueError(f"truncate must be in [0, inner.steps={self.inner.steps}], "
+                             f"got {self.truncate}")
+
+    def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
+        theta = theta.detach().requires_grad_(True)
+        problem = self.problem(model, theta, task)
+        head = self.inner.steps - self.truncate
+        with torch.no_grad():
+            first = self.inner.solve(ProximalProblem(problem.loss, theta.detach(), self.lam),
+                                     theta.detach(), steps=head)
+        with torch.enable_grad():
+            # Straight-through: φ_{K-T} = θ + const, so dφ_{K-T}/dθ = I.
+            start = theta + (first.phi - theta).detach()
+            inner = self.inner.solve(problem, start, steps=self.truncate)
+            logits = model.forward(inner.phi, task.x_query)
+            loss = model.loss_fn(logits, task.y_query)
+            check_finite(loss, "query loss")
+            (g,) = torch.autograd.grad(loss, theta)
+        inner.steps += first.steps
+        inner.grad_norms = first.grad_norms + inner.grad_norms
+        inner.phi = inner.phi.detach()
+        return MetaGradient(g, float(loss.detach()), _accuracy(logits.detach(), task.y_query),
+                            inner.phi, inner)
+
+
+@dataclass
+class FOMAML(_Method):
+    """First-order MAML: the query gradient at the adapted parameters."""
+
+    inner: InnerSolver = field(default_factory=GradientDescent)
+    lam: float = 0.0
+
+    def __post_init__(self):
+        _check_lam(self.lam, positive=False)
+
+    def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
+        inner = self.adapt(model, theta, task.x_support, task.y_support)
+        g, loss, acc = self._query(model, inner.phi, task)
+        return MetaGradient(g, loss, acc, inner.phi.detach(), inner)
+
+
+@dataclass
+class Reptile(_Method):
+    """Reptile: g = θ − φ_K after inner steps on the support set."""
+
+    inner: InnerSolver = field(default_factory=GradientDescent)
+    lam: float = 0.0
+
+    def __post_init__(self):
+        _check_lam(self.lam, positive=False)
+
+    def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
+        inner = self.adapt(model, theta, task.x_support, task.y_support)
+        with torch.no_grad():
+            logits = model.forward(inner.phi, task.x_query)
+            loss = model.loss_fn(logits, task.y_query)
+        check_finite(loss, "query loss")
+        return MetaGradient((theta.detach() - inner.phi).detach(), float(loss),
+                            _accuracy(logits, task.y_query), inner.phi.detach(), inner)

@@ -1,0 +1,55 @@
+"""The outer loop of Algorithm 1: average the task meta-gradients of a batch, step θ."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .functional import FunctionalModel, check_finite
+from .meta import MetaGradient, Task
+
+
+@dataclass
+class StepSummary:
+    """Batch means of what the task meta-gradients reported."""
+
+    query_loss: float
+    query_accuracy: Optional[float]
+    grad_norm: float
+    results: List[MetaGradient]
+
+
+def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, tasks: Sequence[Task]):
+    """(mean task meta-gradient, per-task results) for a batch of tasks at θ."""
+    if len(tasks) == 0:
+        raise ValueError("a meta-batch needs at least one task")
+    results = [method.meta_gradient(model, theta, t) for t in tasks]
+    g = torch.stack([r.grad for r in results]).mean(0)
+    return g, results
+
+
+def meta_step(method, model: FunctionalModel, optimizer: torch.optim.Optimizer,
+              tasks: Sequence[Task]) -> StepSummary:
+    """One step of Algorithm 1: θ ← optimizer step with the batch-mean task meta-gradient.
+
+    ``optimizer`` must optimise ``model.module.parameters()`` (any torch optimizer: SGD, Adam).
+    """
+    g, results = batch_meta_gradient(method, model, model.theta(), tasks)
+    check_finite(g, "meta-gradient")
+    optimizer.zero_grad(set_to_none=False)
+    for name, gi in model.unflatten(g).items():
+        p = model.module.get_parameter(name)
+        if p.grad is None:
+            p.grad = gi.detach().clone()
+        else:
+            p.grad.copy_(gi)
+    optimizer.step()
+    accs = [r.query_accuracy for r in results]
+    return StepSummary(
+        query_loss=sum(r.query_loss for r in results) / len(results),
+        query_accuracy=None if None in accs else sum(accs) / len(accs),
+        grad_norm=float(torch.linalg.vector_norm(g)),
+        results=results,
+    )

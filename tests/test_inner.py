@@ -1,0 +1,83 @@
+import pytest
+import torch
+from torch import nn
+
+from imaml import (FunctionalModel, GradientDescent, Nesterov, NewtonCG, NonFiniteError,
+                   ProximalProblem, task_loss)
+from imaml.synthetic import exact_meta_gradient, regression_task
+
+LAM = 2.0
+
+
+def quadratic_problem(seed=0):
+    model, theta, task = regression_task(seed=seed)
+    _, phi_star, H = exact_meta_gradient(task, theta, LAM)
+    L = float(torch.linalg.eigvalsh(H).max()) + LAM
+    return ProximalProblem(task_loss(model, task.x_support, task.y_support), theta, LAM), phi_star, L
+
+
+@pytest.mark.parametrize("solver_fn", [
+    lambda L: GradientDescent(lr=1 / L, steps=10_000, tol=1e-8),
+    lambda L: Nesterov(lr=1 / L, momentum=0.5, steps=10_000, tol=1e-8),
+    lambda L: NewtonCG(steps=50, cg_iters=5, tol=1e-8),
+])
+def test_solver_reaches_tolerance(solver_fn):
+    problem, phi_star, L = quadratic_problem()
+    res = solver_fn(L).solve(problem, problem.theta)
+    assert res.converged and res.grad_norm <= LAM * 1e-8
+    # strong convexity: ‖φ − φ*‖ ≤ ‖∇G(φ)‖/λ ≤ tol
+    assert float((res.phi - phi_star).norm()) <= 1e-8
+    assert res.steps > 0 and res.grad_norms[-1] == res.grad_norm
+
+
+def test_nesterov_needs_fewer_steps_than_gd():
+    problem, _, L = quadratic_problem(seed=1)
+    gd = GradientDescent(lr=1 / L, steps=10_000, tol=1e-10).solve(problem, problem.theta)
+    kappa = L / LAM
+    mu = (kappa ** 0.5 - 1) / (kappa ** 0.5 + 1)
+    nag = Nesterov(lr=1 / L, momentum=mu, steps=10_000, tol=1e-10).solve(problem, problem.theta)
+    assert gd.converged and nag.converged and nag.steps < gd.steps
+
+
+def test_step_budget_reports_not_converged():
+    problem, _, L = quadratic_problem()
+    res = GradientDescent(lr=1 / L, steps=3, tol=1e-12).solve(problem, problem.theta)
+    assert res.steps == 3 and not res.converged and res.grad_norm > LAM * 1e-12
+    res = GradientDescent(lr=1 / L, steps=3).solve(problem, problem.theta)
+    assert res.grad_norm is None and not res.converged  # no tolerance: no extra gradient
+
+
+def test_newton_cg_on_indefinite_network_hessian():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 4)).double()
+    fm = FunctionalModel(net)
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 4, (20,))
+    theta = fm.theta() * 3  # large weights: saturated tanh, strongly indefinite Hessian
+    problem = ProximalProblem(task_loss(fm, x, y), theta, lam=0.01)
+    res = NewtonCG(steps=30, cg_iters=5, tol=1e-6, report=True).solve(problem, theta)
+    assert torch.isfinite(res.phi).all()
+    assert float(problem.value(res.phi)) < float(problem.value(theta))
+    assert res.grad_norm < res.grad_norms[0]
+    assert res.negative_curvature > 0  # the case this solver must cope with did occur
+
+
+def test_non_finite_loss_raises():
+    fm = FunctionalModel(nn.Linear(3, 2).double())
+    x = torch.full((4, 3), float("nan"), dtype=torch.float64)
+    problem = ProximalProblem(task_loss(fm, x, torch.zeros(4, dtype=torch.long)), fm.theta(), 1.0)
+    for solver in (GradientDescent(steps=2), Nesterov(steps=2), NewtonCG(steps=2)):
+        with pytest.raises(NonFiniteError, match="not finite"):
+            solver.solve(problem, problem.theta)
+
+
+def test_bad_solver_arguments():
+    with pytest.raises(ValueError, match="lr"):
+        GradientDescent(lr=0.0)
+    with pytest.raises(ValueError, match="steps"):
+        GradientDescent(steps=-1)
+    with pytest.raises(ValueError, match="tol"):
+        Nesterov(tol=-1.0)
+    with pytest.raises(ValueError, match="momentum"):
+        Nesterov(momentum=1.0)
+    with pytest.raises(ValueError, match="cg_iters"):
+        NewtonCG(cg_iters=0)

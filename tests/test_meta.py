@@ -1,0 +1,172 @@
+import pytest
+import torch
+from torch import nn
+
+from imaml import (FOMAML, IMAML, MAML, FunctionalModel, GradientDescent, Nesterov, NewtonCG,
+                   NonFiniteError, Reptile, Task, TruncatedMAML, meta_step, task_loss)
+from imaml.linear import dense_matrix
+from imaml.synthetic import exact_meta_gradient, regression_task
+
+LAM = 2.0
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def classification_setup(seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    fm = FunctionalModel(net)
+    g = torch.Generator().manual_seed(seed + 1)
+    task = Task(torch.randn(9, 4, generator=g, dtype=torch.float64), torch.arange(3).repeat(3),
+                torch.randn(12, 4, generator=g, dtype=torch.float64), torch.arange(3).repeat(4))
+    return fm, fm.theta(), task
+
+
+def finite_difference_meta_gradient(method, fm, theta, task, eps=1e-6):
+    """Central differences of θ -> L_test(φ_K(θ)), coordinate by coordinate."""
+    def outer(th):
+        phi = method.adapt(fm, th, task.x_support, task.y_support).phi
+        return float(fm.loss(phi, task.x_query, task.y_query))
+    e = torch.eye(theta.numel(), dtype=theta.dtype)
+    return torch.tensor([(outer(theta + eps * ei) - outer(theta - eps * ei)) / (2 * eps) for ei in e],
+                        dtype=theta.dtype)
+
+
+# -- iMAML against the closed form -----------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_imaml_matches_closed_form(seed):
+    model, theta, task = regression_task(seed=seed)
+    exact, _, _ = exact_meta_gradient(task, theta, LAM)
+    inner = GradientDescent(lr=0.05, steps=5000, tol=1e-12)
+    r = IMAML(lam=LAM, inner=inner, cg_max_iter=20).meta_gradient(model, theta, task)
+    assert r.inner.converged
+    assert rel(r.grad, exact) < 1e-6
+
+
+def test_imaml_error_falls_with_cg_steps_and_is_solver_independent():
+    model, theta, task = regression_task(seed=2)
+    exact, _, _ = exact_meta_gradient(task, theta, LAM)
+    errs = []
+    for cg in (1, 2, 5, 20):
+        inner = GradientDescent(lr=0.05, steps=5000, tol=1e-12)
+        errs.append(rel(IMAML(lam=LAM, inner=inner, cg_max_iter=cg).meta_gradient(model, theta, task).grad, exact))
+    assert errs[0] > errs[1] > errs[2] > errs[3]
+    assert errs[1] > 1e-3  # two CG steps leave an error ...
+    assert errs[3] < 1e-6  # ... that twenty remove
+    # The meta-gradient depends on the inner solution only, not on the solver that found it.
+    for solver in (Nesterov(lr=0.05, momentum=0.6, steps=5000, tol=1e-12),
+                   NewtonCG(steps=20, tol=1e-12)):
+        g = IMAML(lam=LAM, inner=solver, cg_max_iter=20).meta_gradient(model, theta, task).grad
+        assert rel(g, exact) < 1e-6
+
+
+def test_imaml_on_network_matches_dense_linear_solve():
+    fm, theta, task = classification_setup()
+    method = IMAML(lam=LAM, inner=GradientDescent(lr=0.1, steps=3000, tol=1e-10), cg_max_iter=200,
+                   cg_rtol=1e-12)
+    r = method.meta_gradient(fm, theta, task)
+    phi = r.phi
+    from torch.func import grad
+    H = dense_matrix(lambda v: grad(lambda p: torch.dot(grad(task_loss(fm, task.x_support, task.y_support))(p), v))(phi),
+                     fm.num_params)
+    v = grad(task_loss(fm, task.x_query, task.y_query))(phi)
+    A = torch.eye(fm.num_params, dtype=torch.float64) + H / LAM
+    assert rel(r.grad, torch.linalg.solve(A, v)) < 1e-8
+    assert r.cg.converged and not r.cg.negative_curvature
+
+
+# -- MAML and its relatives against finite differences -------------------------------------
+
+@pytest.mark.parametrize("inner,lam", [
+    (GradientDescent(lr=0.3, steps=5), 0.0),
+    (GradientDescent(lr=0.2, steps=4), 1.5),
+    (Nesterov(lr=0.2, momentum=0.7, steps=5), 0.0),
+])
+def test_maml_matches_finite_differences(inner, lam):
+    fm, theta, task = classification_setup()
+    method = MAML(inner=inner, lam=lam)
+    g = method.meta_gradient(fm, theta, task).grad
+    fd = finite_difference_meta_gradient(method, fm, theta, task)
+    assert rel(g, fd) < 1e-6
+
+
+def test_maml_approaches_exact_gradient_on_quadratic():
+    model, theta, task = regression_task(seed=0)
+    exact, _, _ = exact_meta_gradient(task, theta, LAM)
+    errs = [rel(MAML(inner=GradientDescent(lr=0.05, steps=k), lam=LAM).meta_gradient(model, theta, task).grad, exact)
+            for k in (5, 50, 500)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-8
+
+
+def test_truncated_interpolates_fomaml_and_maml():
+    fm, theta, task = classification_setup()
+    gd = GradientDescent(lr=0.3, steps=6)
+    maml = MAML(inner=gd).meta_gradient(fm, theta, task).grad
+    fo = FOMAML(inner=gd).meta_gradient(fm, theta, task).grad
+    assert torch.allclose(TruncatedMAML(inner=gd, truncate=6).meta_gradient(fm, theta, task).grad, maml)
+    assert torch.allclose(TruncatedMAML(inner=gd, truncate=0).meta_gradient(fm, theta, task).grad, fo)
+    t3 = TruncatedMAML(inner=gd, truncate=3).meta_gradient(fm, theta, task)
+    assert rel(t3.grad, maml) < rel(fo, maml)
+    assert t3.inner.steps == 6
+
+
+def test_fomaml_and_reptile_definitions():
+    fm, theta, task = classification_setup()
+    gd = GradientDescent(lr=0.3, steps=4)
+    phi = theta
+    for _ in range(4):  # an independent hand-written inner loop
+        phi = phi - 0.3 * torch.autograd.functional.jacobian(task_loss(fm, task.x_support, task.y_support), phi)
+    q = torch.autograd.functional.jacobian(task_loss(fm, task.x_query, task.y_query), phi)
+    assert torch.allclose(FOMAML(inner=gd).meta_gradient(fm, theta, task).grad, q)
+    assert torch.allclose(Reptile(inner=gd).meta_gradient(fm, theta, task).grad, theta - phi)
+
+
+# -- the outer step ----------------------------------------------------------------------------
+
+def test_meta_step_sgd_averages_task_gradients():
+    fm, theta, task = classification_setup()
+    _, _, task2 = classification_setup(seed=5)
+    method = IMAML(lam=LAM, inner=GradientDescent(lr=0.1, steps=5))
+    g = (method.meta_gradient(fm, theta, task).grad + method.meta_gradient(fm, theta, task2).grad) / 2
+    opt = torch.optim.SGD(fm.module.parameters(), lr=0.5)
+    summary = meta_step(method, fm, opt, [task, task2])
+    assert torch.allclose(fm.theta(), theta - 0.5 * g)
+    assert 0.0 <= summary.query_accuracy <= 1.0 and summary.grad_norm == pytest.approx(float(g.norm()))
+
+
+def test_meta_step_adam_reduces_query_loss():
+    fm, theta, task = classification_setup()
+    method = IMAML(lam=LAM, inner=GradientDescent(lr=0.1, steps=5))
+    opt = torch.optim.Adam(fm.module.parameters(), lr=0.01)
+    first = meta_step(method, fm, opt, [task]).query_loss
+    for _ in range(30):
+        last = meta_step(method, fm, opt, [task]).query_loss
+    assert last < first
+
+
+# -- bad arguments ---------------------------------------------------------------------------
+
+def test_bad_arguments_raise_clear_errors():
+    fm, theta, task = classification_setup()
+    for lam in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lam"):
+            IMAML(lam=lam)
+    with pytest.raises(ValueError, match="lam"):
+        MAML(lam=-1.0)
+    with pytest.raises(ValueError, match="Nesterov"):
+        MAML(inner=NewtonCG())
+    with pytest.raises(ValueError, match="truncate"):
+        TruncatedMAML(inner=GradientDescent(steps=3), truncate=4)
+    with pytest.raises(ValueError, match="support set has 9 inputs but 2 targets"):
+        Task(task.x_support, task.y_support[:2], task.x_query, task.y_query)
+    with pytest.raises(ValueError, match="flat parameter vector"):
+        IMAML().meta_gradient(fm, theta[:-1], task)
+    with pytest.raises(ValueError, match="at least one task"):
+        meta_step(IMAML(), fm, torch.optim.SGD(fm.module.parameters(), lr=0.1), [])
+    bad = Task(task.x_support, task.y_support, task.x_query * float("nan"), task.y_query)
+    for method in (IMAML(), MAML(), FOMAML(), Reptile()):
+        with pytest.raises(NonFiniteError, match="query loss"):
+            method.meta_gradient(fm, theta, bad)

@@ -1,0 +1,15 @@
+"""The README's Python example must run as written."""
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_quick_start_runs():
+    text = README.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python example"
+    ns = {}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    assert ns["pred"].shape == (12,)
+    assert ns["res"].grad.shape == ns["model"].theta().shape

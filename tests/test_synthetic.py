@@ -1,0 +1,27 @@
+import json
+import os
+
+import pytest
+
+from imaml.bench import measure_in_subprocess
+from imaml.cli import main
+
+
+def test_synthetic_command_accuracy_part(tmp_path):
+    assert main(["synthetic", "--out", str(tmp_path), "--skip-compute"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    a = res["gradient_error"]
+    err, steps = a["relative_error"], a["inner_steps"]
+    last = len(steps) - 1
+    assert err["imaml_cg20"][last] < 1e-6                      # converged inner + 20 CG: exact
+    assert err["imaml_cg1"][last] > err["imaml_cg2"][last] > err["imaml_cg5"][last] > err["imaml_cg20"][last]
+    assert 1e-4 < err["imaml_cg2"][last] < 0.2                  # small, non-zero terminal error
+    assert err["fomaml"][last] > 0.1 and abs(err["fomaml"][last] - err["fomaml"][last - 3]) < 1e-3  # floor
+    assert err["maml"][0] > err["maml"][5] > err["maml"][9] and err["maml"][last] < 1e-10
+    assert (tmp_path / "gradient_error.png").stat().st_size > 1000
+
+
+def test_bench_worker_reports_time_and_memory():
+    row = measure_in_subprocess(dict(method="imaml-gd", steps=2, dataset="omniglot", ways=5,
+                                     shots=1, query=1, reps=1))
+    assert row["seconds"] > 0 and row["peak_mib"] >= 0 and len(row["times"]) == 1
