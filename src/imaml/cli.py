@@ -11,6 +11,36 @@ def _synthetic(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    import json
+
+    from .checkpoint import MetaModel
+    from .data import TaskSampler, load_split
+    from .evaluate import MIN_TEST_TASKS, evaluate
+
+    mm = MetaModel.load(args.checkpoint)
+    info = mm.info
+    ways = args.ways or info["ways"]
+    if ways != info["ways"]:
+        raise ValueError(f"the checkpoint's network is {info['ways']}-way; it cannot be "
+                         f"evaluated on {ways}-way tasks")
+    shots = args.shots or info["shots"]
+    queries = args.queries or info["queries"]
+    classes = load_split(info["dataset"], args.split, args.data_dir)
+    sampler = TaskSampler(classes, ways, shots, queries, seed=args.seed)
+    if args.split == "meta_test" and args.tasks < MIN_TEST_TASKS:
+        print(f"note: {args.tasks} tasks is below the protocol's {MIN_TEST_TASKS}", file=sys.stderr)
+    res = evaluate(mm.method, mm.model, mm.model.theta(), sampler, num_tasks=args.tasks)
+    print(f"{info['dataset']} {ways}-way {shots}-shot, {info['method']['name']}, {args.split}: {res}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"checkpoint": str(args.checkpoint), "dataset": info["dataset"], "ways": ways,
+                       "shots": shots, "queries": queries, "split": args.split, "seed": args.seed,
+                       "method": info["method"], "mean": res.mean, "ci95": res.ci95,
+                       "num_tasks": res.num_tasks}, fh, indent=1)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imaml", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -21,13 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only part (a), the accuracy study (seconds instead of minutes)")
     s.add_argument("--reps", type=int, default=3, help="timed repetitions per figure (median)")
     s.set_defaults(fn=_synthetic)
+
+    e = sub.add_parser("eval", help="adapt a meta-trained checkpoint on test tasks and report "
+                       "the mean accuracy with its 95%% confidence interval")
+    e.add_argument("checkpoint", help="a checkpoint written by imaml train")
+    e.add_argument("--data-dir", help="dataset folder (default: $IMAML_DATA)")
+    e.add_argument("--split", default="meta_test", choices=["meta_train", "meta_val", "meta_test"])
+    e.add_argument("--tasks", type=int, default=600, help="number of tasks (at least 600 for test)")
+    e.add_argument("--seed", type=int, default=0,
+                   help="task seed: the same seed gives every method the same tasks")
+    e.add_argument("--ways", type=int, help="default: the checkpoint's")
+    e.add_argument("--shots", type=int, help="default: the checkpoint's")
+    e.add_argument("--queries", type=int, help="default: the checkpoint's")
+    e.add_argument("--out", help="also write the result as JSON here")
+    e.set_defaults(fn=_eval)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DataError
     try:
         return args.fn(args)
+    except (DataError, CheckpointError, ValueError) as e:
+        print(f"imaml {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
