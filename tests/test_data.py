@@ -182,7 +182,7 @@ def test_missing_and_wrong_directories(tmp_path, cache, monkeypatch):
         load_omniglot(str(tmp_path))
     monkeypatch.delenv("IMAML_DATA", raising=False)
     with pytest.raises(DataError, match="--data-dir"):
-        load_omniglot(None)
+        load_miniimagenet("meta_val", None)
     with pytest.raises(DataError, match="Mini-ImageNet meta_train not found.*no official download"):
         load_miniimagenet("meta_train", str(tmp_path))
 
@@ -193,6 +193,10 @@ def test_download_without_network_says_so(tmp_path, cache, monkeypatch):
     with pytest.raises(DataError, match="could not download .*no network"):
         load_omniglot(str(tmp_path), download_missing=True)
     assert not list(tmp_path.glob("*.part"))
+    # with no folder named at all, the download into the cache is attempted by default
+    monkeypatch.delenv("IMAML_DATA", raising=False)
+    with pytest.raises(DataError, match=f"could not download .*{cache}/data/omniglot"):
+        load_omniglot(None)
 
 
 def test_download_checks_the_checksum(tmp_path, cache, monkeypatch):

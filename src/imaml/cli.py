@@ -26,7 +26,8 @@ def _eval(args) -> int:
                          f"evaluated on {ways}-way tasks")
     shots = args.shots or info["shots"]
     queries = args.queries or info["queries"]
-    classes = load_split(info["dataset"], args.split, args.data_dir)
+    kw = {"download_missing": True} if args.download and info["dataset"] == "omniglot" else {}
+    classes = load_split(info["dataset"], args.split, args.data_dir, **kw)
     sampler = TaskSampler(classes, ways, shots, queries, seed=args.seed)
     if args.split == "meta_test" and args.tasks < MIN_TEST_TASKS:
         print(f"note: {args.tasks} tasks is below the protocol's {MIN_TEST_TASKS}", file=sys.stderr)
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the mean accuracy with its 95%% confidence interval")
     e.add_argument("checkpoint", help="a checkpoint written by imaml train")
     e.add_argument("--data-dir", help="dataset folder (default: $IMAML_DATA)")
+    e.add_argument("--download", action="store_true",
+                   help="fetch Omniglot into --data-dir if it is not there")
     e.add_argument("--split", default="meta_test", choices=["meta_train", "meta_val", "meta_test"])
     e.add_argument("--tasks", type=int, default=600, help="number of tasks (at least 600 for test)")
     e.add_argument("--seed", type=int, default=0,

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .common import (DataError, ImageClasses, cache_dir, data_root, decode_image, fingerprint,
+from .common import (ENV_DATA, DataError, ImageClasses, cache_dir, data_root, decode_image, fingerprint,
                      from_lists, load_cached, open_zip, read_member, save_atomic)
 
 SETS = ("images_background", "images_evaluation")
@@ -56,8 +56,9 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def download(root: Path, url_template: str = URL, timeout: float = 30.0) -> None:
+def download(root: Path, url_template: Optional[str] = None, timeout: float = 30.0) -> None:
     """Fetch the two official zips into ``root`` and verify their MD5 checksums."""
+    url_template = url_template or URL
     root.mkdir(parents=True, exist_ok=True)
     for s in SETS:
         dest = root / f"{s}.zip"
@@ -112,12 +113,14 @@ def load_omniglot(data_dir: Optional[str] = None, download_missing: bool = False
 
     Args:
         data_dir: folder holding the two zips / folders, or a folder with an ``omniglot/``
-            subfolder that does; defaults to $IMAML_DATA.
-        download_missing: fetch the official zips into that folder when they are absent.
+            subfolder that does; defaults to $IMAML_DATA. When neither is given, the zips are
+            kept in (and, the first time, downloaded into) ``<cache>/data/omniglot``.
+        download_missing: fetch the official zips into a named folder when they are absent
+            (off by default, so that a mistyped path is an error rather than a download).
     """
-    if data_dir is None and not os.environ.get("IMAML_DATA") and download_missing:
-        root = cache_dir() / "data" / "omniglot"
-        root.mkdir(parents=True, exist_ok=True)
+    if data_dir is None and not os.environ.get(ENV_DATA):
+        # No folder named at all: use (and fill, if empty) a folder in the cache.
+        root, download_missing = cache_dir() / "data" / "omniglot", True
     else:
         root = data_root(data_dir, "omniglot")
     try:
