@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export IMAML_DATA="${IMAML_DATA:-$(cd .. && pwd)/shared/data}"
+if [ -z "${IMAML_DATA:-}" ] && [ -d ../shared/data ]; then export IMAML_DATA="$(cd ../shared/data && pwd)"; fi
 exec .venv/bin/python -m pytest -q "$@"

@@ -6,6 +6,7 @@ from .linear import CGResult, conjugate_gradient, dense_solve, neumann_series
 from .meta import FOMAML, IMAML, MAML, MetaGradient, Reptile, Task, TruncatedMAML
 from .models import conv4, miniimagenet_conv4, omniglot_conv4
 from .outer import batch_meta_gradient, meta_step
+from .checkpoint import MetaModel
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,5 @@ __all__ = [
     "hvp_rev_rev", "task_loss", "GradientDescent", "Nesterov", "NewtonCG", "InnerResult",
     "CGResult", "conjugate_gradient", "dense_solve", "neumann_series", "IMAML", "MAML",
     "TruncatedMAML", "FOMAML", "Reptile", "Task", "MetaGradient", "conv4", "omniglot_conv4",
-    "miniimagenet_conv4", "batch_meta_gradient", "meta_step",
+    "miniimagenet_conv4", "batch_meta_gradient", "meta_step", "MetaModel",
 ]

@@ -42,6 +42,24 @@ def _eval(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .train import load_config, test_best, train
+    if args.config and "=" in args.config and not args.config.endswith(".json"):
+        args.overrides, args.config = [args.config] + args.overrides, None
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or f"runs/{cfg.dataset}-{cfg.ways}w{cfg.shots}s-{cfg.method}"
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    summary = train(cfg, out, resume=args.resume)
+    print(f"trained {summary['iterations']} iterations in {summary['train_minutes']:.1f} min; "
+          f"best meta-val accuracy {100 * summary['best_val']:.2f}%")
+    if not args.no_test:
+        final = test_best(cfg, out)
+        print(f"meta-test accuracy of the best model: {final['result']}")
+    print(f"run folder: {out} (metrics.csv, curves.png, best.pt, last.pt)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imaml", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -52,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only part (a), the accuracy study (seconds instead of minutes)")
     s.add_argument("--reps", type=int, default=3, help="timed repetitions per figure (median)")
     s.set_defaults(fn=_synthetic)
+
+    t = sub.add_parser("train", help="meta-train (Algorithm 1) from a config file")
+    t.add_argument("config", nargs="?", help="a JSON config (see configs/); omitted: the defaults")
+    t.add_argument("overrides", nargs="*", metavar="field=value",
+                   help="override any config field, e.g. meta_iters=500 method=maml")
+    t.add_argument("--out", help="run folder (default runs/<dataset>-<N>w<K>s-<method>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    t.add_argument("--data-dir", help="dataset folder (default: $IMAML_DATA)")
+    t.add_argument("--no-test", action="store_true", help="skip the final meta-test evaluation")
+    t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="adapt a meta-trained checkpoint on test tasks and report "
                        "the mean accuracy with its 95%% confidence interval")

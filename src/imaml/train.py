@@ -1,0 +1,371 @@
+"""Meta-training (Algorithm 1) end to end: config, loop, validation, checkpoints, resume.
+
+Reads top to bottom: build data and model from the config, then per iteration sample the
+tasks of that iteration (a pure function of the seed and the iteration), take one outer step,
+log; every ``val_every`` iterations evaluate on meta-validation and keep the best model; every
+``checkpoint_every`` iterations write ``last.pt`` atomically. A run killed at any point and
+resumed with ``--resume`` continues from ``last.pt`` and produces the same metrics as a run
+that never stopped: the tasks depend only on (seed, iteration), and the checkpoint holds the
+network, the optimizer, the random-number state and the number of tasks drawn.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .batched import batch_meta_gradient, supports_batching
+from .checkpoint import (CheckpointError, METHOD_NAMES, build_method, build_network,
+                         load_checkpoint, save_checkpoint)
+from .evaluate import evaluate
+from .functional import FunctionalModel, check_finite
+from .outer import batch_meta_gradient as loop_meta_gradient
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Defaults: iMAML-GD on Omniglot 5-way 1-shot (paper, Table 2)."""
+
+    # data
+    dataset: str = "omniglot"
+    data_dir: Optional[str] = None
+    omniglot_split: str = "random"
+    ways: int = 5
+    shots: int = 1
+    queries: int = 1            # query images per class in meta-training tasks
+    eval_queries: int = 5       # ... and in validation / test tasks
+    # method (see imaml.checkpoint.build_method)
+    method: str = "imaml-gd"
+    lam: float = 2.0
+    inner_lr: float = 0.1
+    inner_steps: int = 16
+    inner_tol: float = 0.0
+    momentum: float = 0.9
+    hf_steps: int = 5
+    cg_iters: int = 5
+    cg_max_iter: int = 5
+    truncate: int = 5
+    prox_lam: float = 0.0
+    eval_inner_steps: Optional[int] = None  # inner steps at evaluation (default: inner_steps)
+    # outer loop
+    outer: str = "adam"
+    outer_lr: float = 1e-3
+    meta_batch: int = 32
+    meta_iters: int = 1000
+    max_minutes: Optional[float] = None  # wall-clock budget of training (evaluation excluded)
+    batched: bool = True                 # vmap over tasks where the method allows it
+    # evaluation, checkpoints, reproducibility
+    val_every: int = 100
+    val_tasks: int = 200
+    test_tasks: int = 600
+    checkpoint_every: int = 25
+    seed: int = 0
+    threads: Optional[int] = None
+
+    def method_config(self, eval: bool = False) -> Dict[str, Any]:
+        steps = self.eval_inner_steps if eval and self.eval_inner_steps else self.inner_steps
+        return {"name": self.method, "lam": self.lam, "inner_lr": self.inner_lr,
+                "inner_steps": steps, "inner_tol": self.inner_tol, "momentum": self.momentum,
+                "hf_steps": self.hf_steps, "cg_iters": self.cg_iters,
+                "cg_max_iter": self.cg_max_iter, "truncate": self.truncate,
+                "prox_lam": self.prox_lam}
+
+    def validate(self) -> None:
+        if self.dataset not in ("omniglot", "miniimagenet"):
+            raise ValueError(f"dataset must be 'omniglot' or 'miniimagenet', got {self.dataset!r}")
+        if self.method not in METHOD_NAMES:
+            raise ValueError(f"method must be one of {METHOD_NAMES}, got {self.method!r}")
+        if self.outer not in ("adam", "sgd"):
+            raise ValueError(f"outer must be 'adam' or 'sgd', got {self.outer!r}")
+        for name in ("ways", "shots", "queries", "eval_queries", "meta_batch", "meta_iters",
+                     "val_every", "val_tasks", "test_tasks", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.outer_lr > 0:
+            raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
+        build_method(self.method_config())  # the method's own checks (lam > 0, ...)
+
+
+def _field_types() -> Dict[str, Any]:
+    hints = {"int": int, "float": float, "str": str, "bool": bool}
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        t = str(f.type)
+        base = t.replace("Optional[", "").rstrip("]")
+        out[f.name] = (hints[base], t.startswith("Optional"))
+    return out
+
+
+def _coerce(name: str, value: Any, from_text: bool) -> Any:
+    types = _field_types()
+    if name not in types:
+        close = [k for k in types if k.split("_")[0] == name.split("_")[0]]
+        raise ValueError(f"unknown config field {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; fields: {', '.join(sorted(types))}")
+    typ, optional = types[name]
+    if value is None or (from_text and value in ("null", "none", "None")):
+        if optional:
+            return None
+        raise ValueError(f"config field {name!r} cannot be null")
+    if from_text:
+        try:
+            if typ is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return typ(value)
+        except ValueError:
+            raise ValueError(f"config field {name!r} expects {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ValueError(f"config field {name!r} expects {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
+    """A TrainConfig from a JSON file (any subset of fields) and ``key=value`` overrides."""
+    values: Dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {p} does not exist")
+        try:
+            raw = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {p} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {p} must hold a JSON object")
+        for k, v in raw.items():
+            if k.startswith("_"):  # comments
+                continue
+            values[k] = _coerce(k, v, from_text=False)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like field=value")
+        k, v = item.split("=", 1)
+        values[k.strip()] = _coerce(k.strip(), v.strip(), from_text=True)
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+FIELDS = ["iteration", "split", "loss", "accuracy", "ci95", "grad_norm", "seconds"]
+
+
+class _Metrics:
+    """metrics.csv (and TensorBoard when installed), truncated to a checkpoint on resume."""
+
+    def __init__(self, out: Path, keep_until: Optional[int]):
+        self.path = out / "metrics.csv"
+        rows = []
+        if keep_until is not None and self.path.exists():
+            with open(self.path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["iteration"]) <= keep_until]
+        with open(self.path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=(keep_until or 0) + 1)
+        except Exception:  # tensorboard is optional
+            pass
+
+    def log(self, **row):
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, FIELDS).writerow({k: row.get(k, "") for k in FIELDS})
+            fh.flush()
+        if self.tb is not None:
+            for k in ("loss", "accuracy"):
+                if row.get(k) not in (None, ""):
+                    self.tb.add_scalar(f"{row['split']}/{k}", float(row[k]), row["iteration"])
+
+
+def read_metrics(out) -> List[Dict[str, str]]:
+    with open(Path(out) / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def plot_curves(out: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(out)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-"), ("val", "o-")):
+        rs = [r for r in rows if r["split"] == split]
+        if not rs:
+            continue
+        it = [int(r["iteration"]) for r in rs]
+        loss = [float(r["loss"]) if r["loss"] else float("nan") for r in rs]
+        acc = [100 * float(r["accuracy"]) for r in rs]
+        if split == "train" and len(rs) > 20:  # running mean over 1/20 of the run
+            k = max(1, len(rs) // 20)
+            loss = [sum(loss[max(0, i - k):i + 1]) / len(loss[max(0, i - k):i + 1]) for i in range(len(loss))]
+            acc = [sum(acc[max(0, i - k):i + 1]) / len(acc[max(0, i - k):i + 1]) for i in range(len(acc))]
+        if split == "train":
+            a1.plot(it, loss, style, ms=3, label=split)
+        a2.plot(it, acc, style, ms=3, label=split)
+    a1.set_ylabel("query loss")
+    a2.set_ylabel("query accuracy (%)")
+    for a in (a1, a2):
+        a.set_xlabel("meta-iteration")
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _samplers(cfg: TrainConfig, progress):
+    from .data import TaskSampler, load_split
+    kw = {"kind": cfg.omniglot_split, "progress": progress} if cfg.dataset == "omniglot" else {"progress": progress}
+    train = TaskSampler(load_split(cfg.dataset, "meta_train", cfg.data_dir, **kw), cfg.ways,
+                        cfg.shots, cfg.queries, seed=cfg.seed)
+    val = TaskSampler(load_split(cfg.dataset, "meta_val", cfg.data_dir, **kw), cfg.ways,
+                      cfg.shots, cfg.eval_queries, seed=cfg.seed + 1)
+    return train, val
+
+
+def _ckpt_extra(cfg, iteration, opt, best, elapsed):
+    return {"config": dataclasses.asdict(cfg), "iteration": iteration,
+            "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+            "best_val": best, "elapsed": elapsed, "tasks_drawn": iteration * cfg.meta_batch}
+
+
+def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool = True,
+          log=print) -> Dict[str, Any]:
+    """Run (or resume) meta-training; returns the final summary (also in out_dir/final.json)."""
+    from tqdm import tqdm
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    last = out / "last.pt"
+    if resume and not last.exists():
+        raise CheckpointError(f"--resume: no checkpoint {last} to resume from")
+    if not resume and last.exists():
+        raise ValueError(f"{out} already holds a run (last.pt); use --resume to continue it or "
+                         "choose another --out")
+    torch.manual_seed(cfg.seed)
+    net = build_network(cfg.dataset, cfg.ways)
+    model = FunctionalModel(net)
+    opt = (torch.optim.Adam(net.parameters(), lr=cfg.outer_lr) if cfg.outer == "adam"
+           else torch.optim.SGD(net.parameters(), lr=cfg.outer_lr))
+    start, best, elapsed = 0, -1.0, 0.0
+    if resume:
+        ck = load_checkpoint(last)
+        saved = TrainConfig(**ck["config"])
+        if dataclasses.asdict(saved) != dataclasses.asdict(cfg):
+            diff = {k: (v, getattr(cfg, k)) for k, v in dataclasses.asdict(saved).items() if getattr(cfg, k) != v}
+            changeable = {"meta_iters", "max_minutes", "threads", "data_dir"}
+            if set(diff) - changeable:
+                raise ValueError(f"--resume with a different config: {diff}; only "
+                                 f"{sorted(changeable)} may change on resume")
+        try:
+            net.load_state_dict(ck["state_dict"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{last} does not fit this network: {str(e)[:300]}") from None
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"])
+        start, best, elapsed = ck["iteration"], ck["best_val"], ck["elapsed"]
+        log(f"resuming {out} at iteration {start}")
+    with open(out / "config.json", "w") as fh:
+        json.dump(dataclasses.asdict(cfg), fh, indent=1)
+    metrics = _Metrics(out, start if resume else None)
+    quiet = (lambda m: None) if not progress else log
+    train_tasks, val_tasks = _samplers(cfg, quiet)
+    method = build_method(cfg.method_config())
+    eval_method = build_method(cfg.method_config(eval=True))
+    batched = cfg.batched and supports_batching(method)
+    meta = dict(dataset=cfg.dataset, ways=cfg.ways, shots=cfg.shots, queries=cfg.eval_queries,
+                method=cfg.method_config(eval=True))
+
+    def save(path, iteration):
+        save_checkpoint(path, net, **meta, **_ckpt_extra(cfg, iteration, opt, best, elapsed))
+
+    bar = tqdm(total=cfg.meta_iters, initial=start, desc=f"{cfg.method} {cfg.ways}-way {cfg.shots}-shot",
+               disable=None if progress else True, dynamic_ncols=True)
+    it = start
+    for it in range(start + 1, cfg.meta_iters + 1):
+        if cfg.max_minutes is not None and elapsed >= 60 * cfg.max_minutes:
+            log(f"time budget of {cfg.max_minutes} min reached at iteration {it - 1}")
+            it -= 1
+            break
+        t0 = time.perf_counter()
+        batch = train_tasks.batch(range((it - 1) * cfg.meta_batch, it * cfg.meta_batch))
+        theta = model.theta()
+        if batched:
+            r = batch_meta_gradient(method, model, theta, batch)
+            g, loss = r.grad, float(r.query_loss.mean())
+            acc = float(r.query_accuracy.mean()) if r.query_accuracy is not None else float("nan")
+        else:
+            g, results = loop_meta_gradient(method, model, theta, batch.tasks())
+            loss = sum(x.query_loss for x in results) / len(results)
+            acc = sum(x.query_accuracy for x in results) / len(results)
+        check_finite(g, "meta-gradient")
+        opt.zero_grad(set_to_none=False)
+        for name, gi in model.unflatten(g).items():
+            p = net.get_parameter(name)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.copy_(gi)
+        opt.step()
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        metrics.log(iteration=it, split="train", loss=repr(loss), accuracy=repr(acc),
+                    grad_norm=repr(float(g.norm())), seconds=f"{dt:.4f}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}%",
+                        best_val=f"{100 * best:.1f}%" if best >= 0 else "-")
+        if it % cfg.val_every == 0 or it == cfg.meta_iters:
+            res = evaluate(eval_method, model, model.theta(), val_tasks, cfg.val_tasks, progress=False)
+            metrics.log(iteration=it, split="val", accuracy=repr(res.mean), ci95=repr(res.ci95))
+            if res.mean > best:
+                best = res.mean
+                save(out / "best.pt", it)
+            bar.write(f"iteration {it}: meta-val accuracy {res}")
+        if it % cfg.checkpoint_every == 0:
+            save(last, it)
+    bar.close()
+    save(last, it)
+    if not (out / "best.pt").exists():
+        save(out / "best.pt", it)
+    plot_curves(out)
+    summary = {"iterations": it, "train_minutes": elapsed / 60, "best_val": best,
+               "threads": torch.get_num_threads()}
+    with open(out / "train_summary.json", "w") as fh:
+        json.dump(summary, fh, indent=1)
+    return summary
+
+
+def test_best(cfg: TrainConfig, out_dir: str, progress: bool = True) -> Dict[str, Any]:
+    """Evaluate ``best.pt`` (chosen on meta-validation) on ``test_tasks`` meta-test tasks."""
+    from .checkpoint import MetaModel
+    from .data import TaskSampler, load_split
+    out = Path(out_dir)
+    mm = MetaModel.load(out / "best.pt")
+    kw = {"kind": cfg.omniglot_split, "progress": lambda m: None} if cfg.dataset == "omniglot" else {"progress": lambda m: None}
+    sampler = TaskSampler(load_split(cfg.dataset, "meta_test", cfg.data_dir, **kw), cfg.ways,
+                          cfg.shots, cfg.eval_queries, seed=0)
+    t0 = time.perf_counter()
+    res = evaluate(mm.method, mm.model, mm.model.theta(), sampler, cfg.test_tasks, progress=progress)
+    final = {"test_accuracy": res.mean, "test_ci95": res.ci95, "test_tasks": res.num_tasks,
+             "best_iteration": mm.info["iteration"], "eval_seconds": time.perf_counter() - t0}
+    with open(out / "final.json", "w") as fh:
+        json.dump(final, fh, indent=1)
+    return {**final, "result": str(res)}

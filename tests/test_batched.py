@@ -1,0 +1,79 @@
+"""The vmapped batch path against the per-task loop (float64, so only summation order differs)."""
+import pytest
+import torch
+
+from imaml import (FOMAML, IMAML, MAML, FunctionalModel, GradientDescent, Nesterov, NewtonCG,
+                   Reptile, TruncatedMAML, conv4)
+from imaml.batched import batch_meta_gradient, supports_batching
+from imaml.data.sampler import TaskBatch
+
+
+def setup(B=4, seed=0):
+    torch.manual_seed(seed)
+    fm = FunctionalModel(conv4(1, 3, hidden=8, image_size=8).double())
+    g = torch.Generator().manual_seed(seed)
+    tb = TaskBatch(torch.randn(B, 6, 1, 8, 8, generator=g, dtype=torch.float64),
+                   torch.arange(3).repeat(2).expand(B, -1),
+                   torch.randn(B, 9, 1, 8, 8, generator=g, dtype=torch.float64),
+                   torch.arange(3).repeat(3).expand(B, -1))
+    return fm, fm.theta(), tb
+
+
+METHODS = [
+    IMAML(inner=GradientDescent(lr=0.1, steps=5)),
+    IMAML(inner=Nesterov(lr=0.1, momentum=0.5, steps=5)),
+    IMAML(inner=GradientDescent(lr=0.1, steps=5), cg_max_iter=40, cg_rtol=1e-4),
+    MAML(inner=GradientDescent(lr=0.1, steps=3)),
+    MAML(inner=GradientDescent(lr=0.1, steps=3), lam=1.0),
+    FOMAML(inner=GradientDescent(lr=0.1, steps=3)),
+    Reptile(inner=GradientDescent(lr=0.1, steps=3)),
+]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: f"{type(m).__name__}-{type(m.inner).__name__}")
+def test_batched_equals_loop(method):
+    fm, theta, tb = setup()
+    r = batch_meta_gradient(method, fm, theta, tb)
+    loop = [method.meta_gradient(fm, theta, t) for t in tb.tasks()]
+    ref = torch.stack([x.grad for x in loop])
+    assert float((r.grads - ref).norm() / ref.norm()) < 1e-9
+    assert torch.allclose(r.query_loss, torch.tensor([x.query_loss for x in loop], dtype=torch.float64))
+    assert torch.allclose(r.query_accuracy, torch.tensor([x.query_accuracy for x in loop]))
+    assert torch.allclose(r.grad, ref.mean(0))
+
+
+@pytest.mark.parametrize("inner_cls", [GradientDescent, Nesterov])
+def test_tolerance_masking_matches_early_stopping(inner_cls):
+    fm, theta, tb = setup(B=6, seed=3)
+    kw = {"momentum": 0.3} if inner_cls is Nesterov else {}
+    # a tolerance that some tasks meet within the 10-step budget and others do not
+    probe = IMAML(lam=2.0, inner=inner_cls(lr=0.1, steps=10, **kw))
+    first = [min(probe.adapt(fm, theta, t.x_support, t.y_support).grad_norms) for t in tb.tasks()]
+    tol = sorted(first)[len(first) // 2] * 1.0001 / 2.0
+    method = IMAML(lam=2.0, inner=inner_cls(lr=0.1, steps=10, tol=tol, **kw))
+    loop = [method.meta_gradient(fm, theta, t) for t in tb.tasks()]
+    stopped_early = [x.inner.steps < 10 for x in loop]
+    assert any(stopped_early) and not all(stopped_early)
+    r = batch_meta_gradient(method, fm, theta, tb)
+    ref = torch.stack([x.grad for x in loop])
+    assert float((r.grads - ref).norm() / ref.norm()) < 1e-9
+
+
+def test_cg_masking_reports_negative_curvature():
+    fm, theta, tb = setup(B=3, seed=1)
+    method = IMAML(lam=0.01, inner=GradientDescent(lr=0.1, steps=3), cg_max_iter=30)
+    r = batch_meta_gradient(method, fm, theta, tb)
+    loop = [method.meta_gradient(fm, theta, t) for t in tb.tasks()]
+    assert [x.cg.negative_curvature for x in loop] == r.negative_curvature.tolist()
+    assert any(x.cg.negative_curvature for x in loop)
+    assert torch.isfinite(r.grads).all()
+    ref = torch.stack([x.grad for x in loop])
+    assert float((r.grads - ref).norm() / ref.norm()) < 1e-8
+
+
+def test_unbatchable_methods_say_so():
+    fm, theta, tb = setup()
+    assert not supports_batching(IMAML(inner=NewtonCG()))
+    assert not supports_batching(TruncatedMAML(inner=GradientDescent(steps=3), truncate=1))
+    with pytest.raises(ValueError, match="no batched path"):
+        batch_meta_gradient(IMAML(inner=NewtonCG()), fm, theta, tb)

@@ -1,0 +1,153 @@
+"""Meta-training: configs, checkpoints, kill-and-resume, and the README's checkpoint API."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from imaml.checkpoint import CheckpointError, MetaModel, build_network, load_checkpoint, save_checkpoint
+from imaml.train import TrainConfig, load_config, read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = os.environ.get("IMAML_DATA")
+HAVE_OMNIGLOT = bool(DATA) and any((Path(DATA) / p).exists() for p in
+                                   ("omniglot/images_background.zip", "images_background.zip"))
+needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found: set IMAML_DATA "
+                                    "to a folder holding omniglot/images_{background,evaluation}.zip")
+
+TINY = ["ways=3", "shots=1", "queries=1", "eval_queries=2", "meta_batch=2", "inner_steps=2",
+        "meta_iters=14", "checkpoint_every=1", "val_every=7", "val_tasks=4", "test_tasks=4",
+        "threads=1"]
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "imaml.cli", *args], capture_output=True,
+                          text=True, **kw)
+
+
+# -- configs ----------------------------------------------------------------------------------
+
+def test_every_shipped_config_is_valid():
+    files = sorted((ROOT / "configs").glob("*.json"))
+    assert len(files) >= 26  # 20 Omniglot cells + 5 Mini-ImageNet + quickstart
+    for f in files:
+        cfg = load_config(str(f))
+        assert cfg.dataset in ("omniglot", "miniimagenet")
+    cells = {(c.ways, c.shots, c.method) for c in map(load_config, map(str, files)) if c.dataset == "omniglot"}
+    for w, k in ((5, 1), (5, 5), (20, 1), (20, 5)):
+        for m in ("imaml-gd", "imaml-hf", "maml", "fomaml", "reptile"):
+            assert (w, k, m) in cells
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown config field 'meta_iter'"):
+        load_config(None, ["meta_iter=5"])
+    with pytest.raises(ValueError, match="'meta_batch' expects int, got 'many'"):
+        load_config(None, ["meta_batch=many"])
+    with pytest.raises(ValueError, match="must look like field=value"):
+        load_config(None, ["meta_batch"])
+    with pytest.raises(ValueError, match="lam must be > 0"):
+        load_config(None, ["lam=0"])
+    with pytest.raises(ValueError, match="method must be one of"):
+        load_config(None, ["method=sgd"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"ways": "five"}))
+    with pytest.raises(ValueError, match="'ways' expects int, got str"):
+        load_config(str(bad))
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config(str(bad))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(str(tmp_path / "missing.json"))
+    cfg = load_config(None, ["outer_lr=0.01", "max_minutes=null", "batched=false"])
+    assert cfg.outer_lr == 0.01 and cfg.max_minutes is None and cfg.batched is False
+    out = cli("train", "ways=x")
+    assert out.returncode == 2 and "expects int" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+def test_checkpoint_errors(tmp_path):
+    net = build_network("omniglot", 5)
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, net, dataset="omniglot", ways=5, shots=1, queries=1,
+                    method={"name": "imaml-gd"})
+    mm = MetaModel.load(path)
+    assert torch.equal(mm.model.theta(), torch.cat([p.detach().flatten() for p in net.parameters()]))
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or not a checkpoint"):
+        load_checkpoint(trunc)
+    other = tmp_path / "other.pt"  # weights of a 20-way network labelled as 5-way
+    save_checkpoint(other, build_network("omniglot", 20), dataset="omniglot", ways=5, shots=1,
+                    queries=1, method={"name": "imaml-gd"})
+    with pytest.raises(CheckpointError, match="do not fit the omniglot 5-way network"):
+        MetaModel.load(other)
+    torch.save({"hello": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an imaml checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    out = cli("eval", str(trunc))
+    assert out.returncode == 2 and "truncated" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- training, kill and resume ------------------------------------------------------------------
+
+def train_rows(out):
+    return [(r["iteration"], r["split"], r["loss"], r["accuracy"], r["ci95"], r["grad_norm"])
+            for r in read_metrics(out)]
+
+
+@needs_omniglot
+def test_sigkill_and_resume_gives_the_same_metrics(tmp_path):
+    ref = tmp_path / "ref"
+    r = cli("train", *TINY, "--out", str(ref), "--no-test")
+    assert r.returncode == 0, r.stderr
+    expected = train_rows(ref)
+    assert len([x for x in expected if x[1] == "train"]) == 14 and any(x[1] == "val" for x in expected)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "imaml.cli", "train", *TINY, "--out", str(run),
+                             "--no-test"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill in the middle, once a few iterations are logged
+        if (run / "metrics.csv").exists() and len(read_metrics(run)) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len([x for x in train_rows(run) if x[1] == "train"]) < 14, "the run ended before the kill"
+    r = cli("train", *TINY, "--out", str(run), "--resume", "--no-test")
+    assert r.returncode == 0, r.stderr
+    assert train_rows(run) == expected
+    assert (run / "best.pt").exists() and (run / "curves.png").exists()
+
+    # a finished run is not silently overwritten, and resume needs a checkpoint
+    r = cli("train", *TINY, "--out", str(run), "--no-test")
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = cli("train", *TINY, "--out", str(tmp_path / "none"), "--resume", "--no-test")
+    assert r.returncode == 2 and "no checkpoint" in r.stderr
+    r = cli("train", *TINY, "lam=3", "--out", str(run), "--resume", "--no-test")
+    assert r.returncode == 2 and "different config" in r.stderr
+
+
+@needs_omniglot
+def test_train_eval_and_readme_checkpoint_api(tmp_path):
+    out = tmp_path / "run"
+    r = cli("train", *TINY, "meta_iters=3", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "meta-test accuracy of the best model" in r.stdout
+    final = json.loads((out / "final.json").read_text())
+    assert 0.0 <= final["test_accuracy"] <= 1.0 and final["test_tasks"] == 4
+    r = cli("eval", str(out / "best.pt"), "--tasks", "6", "--out", str(tmp_path / "e.json"))
+    assert r.returncode == 0 and "95% CI over 6 tasks" in r.stdout
+    # the README's "Use a meta-trained model" example, on this checkpoint
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- checkpoint-example -->")[1].split("```python\n")[1].split("```")[0]
+    ns = {}
+    exec(compile(block.replace("runs/quickstart/best.pt", str(out / "best.pt")), "README", "exec"), ns)
+    assert ns["labels"].shape == ns["y_query"].shape
