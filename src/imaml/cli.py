@@ -51,6 +51,8 @@ def _train(args) -> int:
     if args.data_dir:
         cfg.data_dir = args.data_dir
     summary = train(cfg, out, resume=args.resume)
+    if summary.get("rank", 0) != 0:  # other ranks of a torchrun launch: rank 0 reports
+        return 0
     print(f"trained {summary['iterations']} iterations in {summary['train_minutes']:.1f} min; "
           f"best meta-val accuracy {100 * summary['best_val']:.2f}%")
     if not args.no_test:

@@ -22,12 +22,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .batched import batch_meta_gradient, supports_batching
+from .batched import supports_batching
+from .distributed import (barrier, broadcast_parameters, from_rank0, init_from_env,
+                          mean_meta_gradient)
 from .checkpoint import (CheckpointError, METHOD_NAMES, build_method, build_network,
                          load_checkpoint, save_checkpoint)
 from .evaluate import evaluate
 from .functional import FunctionalModel, check_finite
-from .outer import batch_meta_gradient as loop_meta_gradient
 
 
 @dataclass
@@ -251,6 +252,8 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
           log=print) -> Dict[str, Any]:
     """Run (or resume) meta-training; returns the final summary (also in out_dir/final.json)."""
     from tqdm import tqdm
+    rank, world = init_from_env()
+    lead = rank == 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -258,7 +261,7 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
     last = out / "last.pt"
     if resume and not last.exists():
         raise CheckpointError(f"--resume: no checkpoint {last} to resume from")
-    if not resume and last.exists():
+    if not resume and last.exists() and lead:
         raise ValueError(f"{out} already holds a run (last.pt); use --resume to continue it or "
                          "choose another --out")
     torch.manual_seed(cfg.seed)
@@ -283,10 +286,14 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
         start, best, elapsed = ck["iteration"], ck["best_val"], ck["elapsed"]
-        log(f"resuming {out} at iteration {start}")
-    with open(out / "config.json", "w") as fh:
-        json.dump(dataclasses.asdict(cfg), fh, indent=1)
-    metrics = _Metrics(out, start if resume else None)
+        if lead:
+            log(f"resuming {out} at iteration {start}" + (f" on {world} processes" if world > 1 else ""))
+    broadcast_parameters(net, world)
+    if lead:
+        with open(out / "config.json", "w") as fh:
+            json.dump(dataclasses.asdict(cfg), fh, indent=1)
+    metrics = _Metrics(out, start if resume else None) if lead else None
+    progress = progress and lead
     quiet = (lambda m: None) if not progress else log
     train_tasks, val_tasks = _samplers(cfg, quiet)
     method = build_method(cfg.method_config())
@@ -296,27 +303,21 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
                 method=cfg.method_config(eval=True))
 
     def save(path, iteration):
-        save_checkpoint(path, net, **meta, **_ckpt_extra(cfg, iteration, opt, best, elapsed))
+        if lead:
+            save_checkpoint(path, net, **meta, **_ckpt_extra(cfg, iteration, opt, best, elapsed))
 
     bar = tqdm(total=cfg.meta_iters, initial=start, desc=f"{cfg.method} {cfg.ways}-way {cfg.shots}-shot",
                disable=None if progress else True, dynamic_ncols=True)
     it = start
     for it in range(start + 1, cfg.meta_iters + 1):
-        if cfg.max_minutes is not None and elapsed >= 60 * cfg.max_minutes:
+        if cfg.max_minutes is not None and from_rank0(elapsed, world) >= 60 * cfg.max_minutes:
             log(f"time budget of {cfg.max_minutes} min reached at iteration {it - 1}")
             it -= 1
             break
         t0 = time.perf_counter()
-        batch = train_tasks.batch(range((it - 1) * cfg.meta_batch, it * cfg.meta_batch))
-        theta = model.theta()
-        if batched:
-            r = batch_meta_gradient(method, model, theta, batch)
-            g, loss = r.grad, float(r.query_loss.mean())
-            acc = float(r.query_accuracy.mean()) if r.query_accuracy is not None else float("nan")
-        else:
-            g, results = loop_meta_gradient(method, model, theta, batch.tasks())
-            loss = sum(x.query_loss for x in results) / len(results)
-            acc = sum(x.query_accuracy for x in results) / len(results)
+        indices = range((it - 1) * cfg.meta_batch, it * cfg.meta_batch)
+        g, loss, acc = mean_meta_gradient(method, model, model.theta(), train_tasks, indices,
+                                          batched, rank, world)
         check_finite(g, "meta-gradient")
         opt.zero_grad(set_to_none=False)
         for name, gi in model.unflatten(g).items():
@@ -327,6 +328,8 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
         opt.step()
         dt = time.perf_counter() - t0
         elapsed += dt
+        if not lead:
+            continue
         metrics.log(iteration=it, split="train", loss=repr(loss), accuracy=repr(acc),
                     grad_norm=repr(float(g.norm())), seconds=f"{dt:.4f}")
         bar.update(1)
@@ -342,6 +345,9 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
         if it % cfg.checkpoint_every == 0:
             save(last, it)
     bar.close()
+    barrier(world)
+    if not lead:
+        return {"iterations": it, "rank": rank}
     save(last, it)
     if not (out / "best.pt").exists():
         save(out / "best.pt", it)
