@@ -22,6 +22,7 @@ def test_synthetic_command_accuracy_part(tmp_path):
 
 
 def test_bench_worker_reports_time_and_memory():
-    row = measure_in_subprocess(dict(method="imaml-gd", steps=2, dataset="omniglot", ways=5,
-                                     shots=1, query=1, reps=1))
-    assert row["seconds"] > 0 and row["peak_mib"] >= 0 and len(row["times"]) == 1
+    for mode in ("task", "vmap"):
+        row = measure_in_subprocess(dict(workload="omniglot-5w1s", method="imaml-gd", steps=2,
+                                         mode=mode, batch=2, reps=1))
+        assert row["seconds"] > 0 and row["peak_mib"] >= 0 and len(row["times"]) == 1

@@ -62,6 +62,14 @@ def _train(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import run
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    run(args.out, args.workloads.split(","), args.methods.split(","), ints(args.steps),
+        args.batch, args.reps, args.modes.split(","))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imaml", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="dataset folder (default: $IMAML_DATA)")
     t.add_argument("--no-test", action="store_true", help="skip the final meta-test evaluation")
     t.set_defaults(fn=_train)
+
+    b = sub.add_parser("bench", help="time and peak memory of meta-gradients against inner "
+                       "steps (one fresh process per figure)")
+    b.add_argument("--out", default="results/bench", help="folder for bench.json/.md/.png")
+    b.add_argument("--workloads", default="omniglot-5w1s,omniglot-20w5s,miniimagenet-5w1s")
+    b.add_argument("--methods", default="imaml-gd,imaml-hf,maml")
+    b.add_argument("--steps", default="5,10,25,50,100", help="inner steps K, comma-separated")
+    b.add_argument("--modes", default="task,loop,vmap",
+                   help="task: one task; loop / vmap: a meta-batch task by task / vmapped")
+    b.add_argument("--batch", type=int, default=16, help="tasks in a meta-batch")
+    b.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    b.set_defaults(fn=_bench)
 
     e = sub.add_parser("eval", help="adapt a meta-trained checkpoint on test tasks and report "
                        "the mean accuracy with its 95%% confidence interval")

@@ -101,6 +101,17 @@ class _Method:
 
 
 @dataclass
+class _Baseline(_Method):
+    """A method whose inner loop is on L̂ by default (``lam`` = 0) or on G (``lam`` > 0)."""
+
+    inner: InnerSolver = field(default_factory=GradientDescent)
+    lam: float = 0.0
+
+    def __post_init__(self):
+        _check_lam(self.lam, positive=False)
+
+
+@dataclass
 class IMAML(_Method):
     """Implicit MAML (Algorithm 2).
 
@@ -136,18 +147,15 @@ class IMAML(_Method):
 
 
 @dataclass
-class MAML(_Method):
+class MAML(_Baseline):
     """MAML by full back-prop through the inner solver (GradientDescent or Nesterov).
 
     With ``lam`` > 0 it differentiates through the iterations on the proximal G instead of L̂.
     Memory grows linearly with the number of inner steps.
     """
 
-    inner: InnerSolver = field(default_factory=GradientDescent)
-    lam: float = 0.0
-
     def __post_init__(self):
-        _check_lam(self.lam, positive=False)
+        super().__post_init__()
         if not isinstance(self.inner, (GradientDescent, Nesterov)):
             raise ValueError("MAML back-propagates through GradientDescent or Nesterov only")
 
@@ -165,15 +173,13 @@ class MAML(_Method):
 
 
 @dataclass
-class TruncatedMAML(_Method):
+class TruncatedMAML(_Baseline):
     """Back-prop through the last ``truncate`` of the inner GD steps only."""
 
-    inner: GradientDescent = field(default_factory=GradientDescent)
     truncate: int = 5
-    lam: float = 0.0
 
     def __post_init__(self):
-        _check_lam(self.lam, positive=False)
+        super().__post_init__()
         if not isinstance(self.inner, GradientDescent):
             raise ValueError("TruncatedMAML unrolls GradientDescent only")
         if not 0 <= self.truncate <= self.inner.steps:
@@ -203,14 +209,8 @@ class TruncatedMAML(_Method):
 
 
 @dataclass
-class FOMAML(_Method):
+class FOMAML(_Baseline):
     """First-order MAML: the query gradient at the adapted parameters."""
-
-    inner: InnerSolver = field(default_factory=GradientDescent)
-    lam: float = 0.0
-
-    def __post_init__(self):
-        _check_lam(self.lam, positive=False)
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
         inner = self.adapt(model, theta, task.x_support, task.y_support)
@@ -219,14 +219,8 @@ class FOMAML(_Method):
 
 
 @dataclass
-class Reptile(_Method):
+class Reptile(_Baseline):
     """Reptile: g = θ − φ_K after inner steps on the support set."""
-
-    inner: InnerSolver = field(default_factory=GradientDescent)
-    lam: float = 0.0
-
-    def __post_init__(self):
-        _check_lam(self.lam, positive=False)
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
         inner = self.adapt(model, theta, task.x_support, task.y_support)

@@ -100,8 +100,8 @@ def gradient_error_study(lam: float = 2.0, num_tasks: int = 5, inner_steps=INNER
 
 
 def compute_memory_study(steps=MEMORY_STEPS, reps: int = 3, progress=print) -> Dict:
-    rows = sweep(["imaml-gd", "maml"], list(steps), dataset="omniglot", ways=20, shots=5,
-                 query=5, reps=reps, progress=progress)
+    rows = sweep(["imaml-gd", "maml"], list(steps), "omniglot-20w5s", "task", reps=reps,
+                 progress=progress)
     return {"workload": "Omniglot Conv-4, 20-way 5-shot, 5 queries/class, random images",
             "settings": "inner GD lr 0.1; iMAML lam 2, 5 CG steps; MAML full back-prop",
             "rows": rows}
