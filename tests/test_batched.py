@@ -23,6 +23,7 @@ METHODS = [
     IMAML(inner=GradientDescent(lr=0.1, steps=5)),
     IMAML(inner=Nesterov(lr=0.1, momentum=0.5, steps=5)),
     IMAML(inner=GradientDescent(lr=0.1, steps=5), cg_max_iter=40, cg_rtol=1e-4),
+    IMAML(inner=GradientDescent(lr=0.1, steps=5), curvature="ggn"),
     MAML(inner=GradientDescent(lr=0.1, steps=3)),
     MAML(inner=GradientDescent(lr=0.1, steps=3), lam=1.0),
     FOMAML(inner=GradientDescent(lr=0.1, steps=3)),

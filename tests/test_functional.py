@@ -82,3 +82,28 @@ def test_bad_arguments():
         make_hvp(lambda p: p.sum(), fm.theta(), "nope")
     with pytest.raises(ValueError, match="no trainable"):
         FunctionalModel(nn.ReLU())
+
+
+def test_ggn_matches_dense_gauss_newton_and_is_psd():
+    from torch.func import jacrev
+    from imaml.functional import make_ggn
+    fm = FunctionalModel(small_net())
+    x, y = small_task()
+    theta = fm.theta()
+    J = jacrev(lambda p: fm.forward(p, x))(theta).reshape(-1, theta.numel())  # [N*C, P]
+    z = fm.forward(theta, x).detach()
+    Hz = hessian(lambda out: fm.loss_fn(out, y))(z).reshape(z.numel(), z.numel())
+    G = J.T @ Hz @ J
+    v = torch.randn_like(theta)
+    assert torch.allclose(make_ggn(fm, x, y, theta)(v), G @ v, rtol=1e-9, atol=1e-12)
+    assert float(torch.linalg.eigvalsh(G).min()) > -1e-10
+
+
+def test_ggn_equals_hessian_for_linear_least_squares():
+    from imaml.functional import make_ggn
+    from imaml.synthetic import regression_task
+    model, theta, task = regression_task(seed=3)
+    v = torch.randn_like(theta)
+    f = task_loss(model, task.x_support, task.y_support)
+    assert torch.allclose(make_ggn(model, task.x_support, task.y_support, theta)(v),
+                          make_hvp(f, theta)(v), rtol=1e-10, atol=1e-12)

@@ -63,6 +63,26 @@ def test_imaml_error_falls_with_cg_steps_and_is_solver_independent():
         assert rel(g, exact) < 1e-6
 
 
+def test_imaml_ggn_on_linear_regression_matches_closed_form():
+    # for a linear model with squared loss the Gauss-Newton matrix is the Hessian
+    model, theta, task = regression_task(seed=1)
+    exact, _, _ = exact_meta_gradient(task, theta, LAM)
+    inner = GradientDescent(lr=0.05, steps=5000, tol=1e-12)
+    r = IMAML(lam=LAM, inner=inner, cg_max_iter=20, curvature="ggn").meta_gradient(model, theta, task)
+    assert rel(r.grad, exact) < 1e-6
+
+
+def test_imaml_ggn_never_meets_negative_curvature():
+    fm, theta, task = classification_setup()
+    theta = theta * 4  # saturated tanh: an indefinite Hessian
+    hess = IMAML(lam=0.05, inner=GradientDescent(lr=0.05, steps=3), cg_max_iter=30)
+    ggn = IMAML(lam=0.05, inner=GradientDescent(lr=0.05, steps=3), cg_max_iter=30, curvature="ggn",
+                cg_rtol=1e-10)
+    assert hess.meta_gradient(fm, theta, task).cg.negative_curvature
+    r = ggn.meta_gradient(fm, theta, task)
+    assert not r.cg.negative_curvature and r.cg.converged
+
+
 def test_imaml_on_network_matches_dense_linear_solve():
     fm, theta, task = classification_setup()
     method = IMAML(lam=LAM, inner=GradientDescent(lr=0.1, steps=3000, tol=1e-10), cg_max_iter=200,
@@ -158,6 +178,8 @@ def test_bad_arguments_raise_clear_errors():
         MAML(lam=-1.0)
     with pytest.raises(ValueError, match="Nesterov"):
         MAML(inner=NewtonCG())
+    with pytest.raises(ValueError, match="curvature"):
+        IMAML(curvature="fisher")
     with pytest.raises(ValueError, match="truncate"):
         TruncatedMAML(inner=GradientDescent(steps=3), truncate=4)
     with pytest.raises(ValueError, match="support set has 9 inputs but 2 targets"):

@@ -120,9 +120,13 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
         v, (loss, acc) = grad_and_value(lambda p: query(p, xq, yq), has_aux=True)(phi)
         if isinstance(method, FOMAML):
             return v, loss, acc, loss * 0, loss < 0
-        _, vjp_fn = vjp(grad(support), phi)
+        if method.curvature == "ggn":
+            curv = method.curvature_product(model, xs, ys, phi)
+        else:  # reverse-over-reverse, the graph of ∇L̂(φ) built once for all CG steps
+            _, vjp_fn = vjp(grad(support), phi)
+            curv = lambda u: vjp_fn(u)[0]  # noqa: E731
         lam = method.lam
-        x, res, neg = _masked_cg(lambda u: u + vjp_fn(u)[0] / lam, v, method.cg_max_iter,
+        x, res, neg = _masked_cg(lambda u: u + curv(u) / lam, v, method.cg_max_iter,
                                  method.cg_rtol, method.cg_atol)
         return x, loss, acc, res, neg
 

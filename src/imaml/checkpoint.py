@@ -30,20 +30,21 @@ class CheckpointError(RuntimeError):
 
 def build_method(cfg: Dict[str, Any]):
     """A meta-gradient method from a plain dict: ``name`` plus lam (iMAML's λ), inner_lr,
-    inner_steps, inner_tol, momentum, hf_steps, cg_iters, cg_max_iter, truncate, prox_lam (the
-    baselines' proximal λ, 0 by default)."""
+    inner_steps, inner_tol, momentum, hf_steps, cg_iters, cg_max_iter, curvature ('hessian' or
+    'ggn', iMAML's linear system), truncate, prox_lam (the baselines' proximal λ, 0 by default)."""
     name = cfg.get("name")
     lam, lr, steps = cfg.get("lam", 2.0), cfg.get("inner_lr", 0.1), cfg.get("inner_steps", 16)
     tol, cg = cfg.get("inner_tol", 0.0), cfg.get("cg_max_iter", 5)
     gd = GradientDescent(lr=lr, steps=steps, tol=tol)
     nag = Nesterov(lr=lr, steps=steps, tol=tol, momentum=cfg.get("momentum", 0.9))
+    curvature = cfg.get("curvature", "hessian")
     if name == "imaml-gd":
-        return IMAML(lam=lam, inner=gd, cg_max_iter=cg)
+        return IMAML(lam=lam, inner=gd, cg_max_iter=cg, curvature=curvature)
     if name == "imaml-nesterov":
-        return IMAML(lam=lam, inner=nag, cg_max_iter=cg)
+        return IMAML(lam=lam, inner=nag, cg_max_iter=cg, curvature=curvature)
     if name == "imaml-hf":
         hf = NewtonCG(steps=cfg.get("hf_steps", 5), cg_iters=cfg.get("cg_iters", 5), tol=tol)
-        return IMAML(lam=lam, inner=hf, cg_max_iter=cg)
+        return IMAML(lam=lam, inner=hf, cg_max_iter=cg, curvature=curvature)
     outer_lam = cfg.get("prox_lam", 0.0)  # baselines: plain inner loop unless asked
     if name == "maml":
         return MAML(inner=gd, lam=outer_lam)

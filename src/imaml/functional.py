@@ -123,6 +123,21 @@ def make_hvp(f: Callable[[Tensor], Tensor], x: Tensor, mode: str = DEFAULT_HVP):
         raise ValueError(f"unknown hvp mode {mode!r}; choose one of {sorted(HVP_MODES)}") from None
 
 
+def make_ggn(model: "FunctionalModel", x: Tensor, y: Tensor, phi: Tensor) -> Callable[[Tensor], Tensor]:
+    """Generalised Gauss-Newton products of the loss at φ: v -> Jᵀ ∇²_z ℓ(z) J v, with
+    z = model.forward(φ, x) and J = ∂z/∂φ (Schraudolph 2002; Martens 2010).
+
+    For a loss convex in the outputs (cross-entropy, squared error) the GGN is positive
+    semi-definite, so I + G/λ is positive definite and CG never meets negative curvature. It
+    drops the term Σ ∂ℓ/∂z ∇²z, which vanishes where the model fits its data; for a model linear
+    in φ with squared loss it equals the Hessian exactly (tested).
+    """
+    f = lambda p: model.forward(p, x)  # noqa: E731
+    z, vjp_fn = vjp(f, phi)
+    out_hvp = make_hvp(lambda out: model.loss_fn(out, y), z.detach(), "fwd-rev")
+    return lambda v: vjp_fn(out_hvp(jvp(f, (phi,), (v,))[1]))[0]
+
+
 class ProximalProblem:
     """The iMAML inner objective G(φ) = L̂(φ) + (λ/2)‖φ − θ‖² (Rajeswaran et al. 2019, eq. 4).
 

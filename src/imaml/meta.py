@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
-from .functional import DEFAULT_HVP, FunctionalModel, ProximalProblem, check_finite, make_hvp, task_loss
+from .functional import (DEFAULT_HVP, FunctionalModel, ProximalProblem, check_finite, make_ggn,
+                         make_hvp, task_loss)
 from .inner import GradientDescent, InnerResult, Nesterov, NewtonCG
 from .linear import CGResult, conjugate_gradient
 
@@ -121,6 +122,11 @@ class IMAML(_Method):
         cg_max_iter: CG iterations for (I + H/λ) g = v (5 in the paper).
         cg_rtol, cg_atol: CG residual tolerance δ′ (0 = run all iterations).
         hvp_mode: 'rev-rev' (double back-prop) or 'fwd-rev' (forward-over-reverse).
+        curvature: 'hessian' (default: the exact system of the paper) or 'ggn', the
+            generalised Gauss-Newton matrix of the support loss in place of its Hessian. The
+            Hessian of a network far from the inner optimum is indefinite, and then CG meets
+            negative curvature (reported in ``cg.negative_curvature``); the GGN is positive
+            semi-definite, so the system stays positive definite. An approximation, opt-in.
     """
 
     lam: float = 2.0
@@ -129,9 +135,18 @@ class IMAML(_Method):
     cg_rtol: float = 0.0
     cg_atol: float = 0.0
     hvp_mode: str = DEFAULT_HVP
+    curvature: str = "hessian"
 
     def __post_init__(self):
         _check_lam(self.lam, positive=True)
+        if self.curvature not in ("hessian", "ggn"):
+            raise ValueError(f"curvature must be 'hessian' or 'ggn', got {self.curvature!r}")
+
+    def curvature_product(self, model: FunctionalModel, x: Tensor, y: Tensor, phi: Tensor):
+        """v -> H v (or G v) of the support loss at φ."""
+        if self.curvature == "ggn":
+            return make_ggn(model, x, y, phi)
+        return make_hvp(task_loss(model, x, y), phi, self.hvp_mode)
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
         theta = theta.detach()
@@ -139,7 +154,7 @@ class IMAML(_Method):
             inner = self.inner.solve(self.problem(model, theta, task), theta)
         phi = inner.phi.detach()
         v, loss, acc = self._query(model, phi, task)
-        hvp = make_hvp(task_loss(model, task.x_support, task.y_support), phi, self.hvp_mode)
+        hvp = self.curvature_product(model, task.x_support, task.y_support, phi)
         lam = self.lam
         cg = conjugate_gradient(lambda u: u + hvp(u) / lam, v, max_iter=self.cg_max_iter,
                                 rtol=self.cg_rtol, atol=self.cg_atol)

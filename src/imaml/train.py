@@ -53,6 +53,7 @@ class TrainConfig:
     hf_steps: int = 5
     cg_iters: int = 5
     cg_max_iter: int = 5
+    curvature: str = "hessian"  # iMAML's system: exact Hessian, or 'ggn' (Gauss-Newton)
     truncate: int = 5
     prox_lam: float = 0.0
     eval_inner_steps: Optional[int] = None  # inner steps at evaluation (default: inner_steps)
@@ -76,7 +77,8 @@ class TrainConfig:
         return {"name": self.method, "lam": self.lam, "inner_lr": self.inner_lr,
                 "inner_steps": steps, "inner_tol": self.inner_tol, "momentum": self.momentum,
                 "hf_steps": self.hf_steps, "cg_iters": self.cg_iters,
-                "cg_max_iter": self.cg_max_iter, "truncate": self.truncate,
+                "cg_max_iter": self.cg_max_iter, "curvature": self.curvature,
+                "truncate": self.truncate,
                 "prox_lam": self.prox_lam}
 
     def validate(self) -> None:
