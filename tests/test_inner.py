@@ -81,3 +81,17 @@ def test_bad_solver_arguments():
         Nesterov(momentum=1.0)
     with pytest.raises(ValueError, match="cg_iters"):
         NewtonCG(cg_iters=0)
+
+
+def test_newton_cg_with_gauss_newton_curvature():
+    from imaml.functional import make_ggn
+    torch.manual_seed(3)
+    fm = FunctionalModel(nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 4)).double())
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 4, (20,))
+    theta = fm.theta() * 3
+    problem = ProximalProblem(task_loss(fm, x, y), theta, lam=0.01,
+                              curvature=lambda phi: make_ggn(fm, x, y, phi))
+    res = NewtonCG(steps=30, cg_iters=5, tol=1e-6, report=True).solve(problem, theta)
+    assert res.negative_curvature == 0 and res.line_search_failures == 0
+    assert res.grad_norm < 0.05 * res.grad_norms[0]
+    assert float(problem.value(res.phi)) < float(problem.value(theta))

@@ -145,16 +145,19 @@ class ProximalProblem:
         loss: L̂ as a function of the flat parameters φ.
         theta: the meta-parameters θ (flat). May require grad (MAML unrolls through it).
         lam: λ > 0 (λ = 0 gives the plain loss L̂, for MAML/Reptile baselines).
+        curvature: optional ``phi -> (v -> C v)`` replacing the Hessian of L̂ in ``hvp`` (for
+            example the Gauss-Newton matrix, ``make_ggn``); None means the exact Hessian.
 
     G is λ-strongly convex whenever L̂ is convex, so ‖φ − φ*‖ ≤ ‖∇G(φ)‖/λ; the inner solvers
     use that bound to stop at accuracy δ.
     """
 
-    def __init__(self, loss: Callable[[Tensor], Tensor], theta: Tensor, lam: float):
+    def __init__(self, loss: Callable[[Tensor], Tensor], theta: Tensor, lam: float,
+                 curvature: Optional[Callable[[Tensor], Callable[[Tensor], Tensor]]] = None):
         lam = float(lam)
         if not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam must be finite and >= 0, got {lam}")
-        self.loss, self.theta, self.lam = loss, theta, lam
+        self.loss, self.theta, self.lam, self.curvature = loss, theta, lam, curvature
 
     def value(self, phi: Tensor) -> Tensor:
         d = phi - self.theta
@@ -167,8 +170,8 @@ class ProximalProblem:
         return self.value(phi), self.grad(phi)
 
     def hvp(self, phi: Tensor, mode: str = DEFAULT_HVP) -> Callable[[Tensor], Tensor]:
-        """v -> ∇²G(φ) v = H v + λ v."""
-        h = make_hvp(self.loss, phi, mode)
+        """v -> ∇²G(φ) v = H v + λ v (H replaced by ``curvature(φ)`` when given)."""
+        h = self.curvature(phi) if self.curvature is not None else make_hvp(self.loss, phi, mode)
         return lambda v: h(v) + self.lam * v
 
 

@@ -88,7 +88,7 @@ class _Method:
         """Adapt θ to a support set (no meta-gradient): the inner solve alone."""
         theta = theta.detach()
         with torch.no_grad():
-            return self.inner.solve(ProximalProblem(task_loss(model, x, y), theta, self.lam), theta)
+            return self.inner.solve(self.problem(model, theta, Task(x, y, x[:0], y[:0])), theta)
 
     def _query(self, model: FunctionalModel, phi: Tensor, task: Task):
         """(∇L_test(φ), L_test(φ), accuracy) at a detached φ, in one forward/backward."""
@@ -147,6 +147,13 @@ class IMAML(_Method):
         if self.curvature == "ggn":
             return make_ggn(model, x, y, phi)
         return make_hvp(task_loss(model, x, y), phi, self.hvp_mode)
+
+    def problem(self, model: FunctionalModel, theta: Tensor, task: Task) -> ProximalProblem:
+        # A second-order inner solver (Newton-CG) uses the same curvature as the linear system.
+        problem = super().problem(model, theta, task)
+        if self.curvature == "ggn":
+            problem.curvature = lambda phi: make_ggn(model, task.x_support, task.y_support, phi)
+        return problem
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
         theta = theta.detach()
