@@ -3,10 +3,8 @@
 Tests that need the real datasets read them from $IMAML_DATA (scripts/test.sh points it at
 ../shared/data when that exists) and skip, saying so, when it is absent.
 """
-import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import zipfile

@@ -1,7 +1,5 @@
 import json
-import os
 
-import pytest
 
 from imaml.bench import measure_in_subprocess
 from imaml.cli import main

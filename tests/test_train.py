@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from imaml.checkpoint import CheckpointError, MetaModel, build_network, load_checkpoint, save_checkpoint
-from imaml.train import TrainConfig, load_config, read_metrics
+from imaml.train import load_config, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = os.environ.get("IMAML_DATA")

@@ -39,11 +39,6 @@ class InnerResult:
     line_search_failures: int = 0
     negative_curvature: int = 0
 
-    @property
-    def distance_bound(self) -> Optional[float]:
-        """Upper bound on ‖φ − φ*‖ from strong convexity (None without a final gradient)."""
-        return None if self.grad_norm is None else self.grad_norm
-
 
 def _check_args(steps: int, tol: float, lr: Optional[float] = None) -> None:
     if steps < 0:

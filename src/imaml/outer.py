@@ -30,13 +30,8 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, tasks: Se
     return g, results
 
 
-def meta_step(method, model: FunctionalModel, optimizer: torch.optim.Optimizer,
-              tasks: Sequence[Task]) -> StepSummary:
-    """One step of Algorithm 1: θ ← optimizer step with the batch-mean task meta-gradient.
-
-    ``optimizer`` must optimise ``model.module.parameters()`` (any torch optimizer: SGD, Adam).
-    """
-    g, results = batch_meta_gradient(method, model, model.theta(), tasks)
+def apply_meta_gradient(model: FunctionalModel, optimizer: torch.optim.Optimizer, g: Tensor) -> None:
+    """Write the flat meta-gradient ``g`` into the module's ``.grad`` fields and step."""
     check_finite(g, "meta-gradient")
     optimizer.zero_grad(set_to_none=False)
     for name, gi in model.unflatten(g).items():
@@ -46,6 +41,16 @@ def meta_step(method, model: FunctionalModel, optimizer: torch.optim.Optimizer,
         else:
             p.grad.copy_(gi)
     optimizer.step()
+
+
+def meta_step(method, model: FunctionalModel, optimizer: torch.optim.Optimizer,
+              tasks: Sequence[Task]) -> StepSummary:
+    """One step of Algorithm 1: θ ← optimizer step with the batch-mean task meta-gradient.
+
+    ``optimizer`` must optimise ``model.module.parameters()`` (any torch optimizer: SGD, Adam).
+    """
+    g, results = batch_meta_gradient(method, model, model.theta(), tasks)
+    apply_meta_gradient(model, optimizer, g)
     accs = [r.query_accuracy for r in results]
     return StepSummary(
         query_loss=sum(r.query_loss for r in results) / len(results),

@@ -13,10 +13,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -28,7 +26,8 @@ from .distributed import (barrier, broadcast_parameters, from_rank0, init_from_e
 from .checkpoint import (CheckpointError, METHOD_NAMES, build_method, build_network,
                          load_checkpoint, save_checkpoint)
 from .evaluate import evaluate
-from .functional import FunctionalModel, check_finite
+from .functional import FunctionalModel
+from .outer import apply_meta_gradient
 
 
 @dataclass
@@ -320,14 +319,7 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
         indices = range((it - 1) * cfg.meta_batch, it * cfg.meta_batch)
         g, loss, acc = mean_meta_gradient(method, model, model.theta(), train_tasks, indices,
                                           batched, rank, world)
-        check_finite(g, "meta-gradient")
-        opt.zero_grad(set_to_none=False)
-        for name, gi in model.unflatten(g).items():
-            p = net.get_parameter(name)
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.copy_(gi)
-        opt.step()
+        apply_meta_gradient(model, opt, g)
         dt = time.perf_counter() - t0
         elapsed += dt
         if not lead:
