@@ -70,7 +70,8 @@ def test_distributed_meta_gradient_equals_single_process(tmp_path, name, batched
 
 
 TINY = ["ways=3", "shots=1", "queries=1", "eval_queries=2", "meta_batch=4", "inner_steps=2",
-        "checkpoint_every=1", "val_every=3", "val_tasks=4", "threads=1"]
+        "checkpoint_every=1", "val_every=3", "val_tasks=4", "threads=1",
+        "batching=vmap"]
 
 
 def torchrun(out, *extra):

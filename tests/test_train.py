@@ -22,7 +22,7 @@ needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not foun
 
 TINY = ["ways=3", "shots=1", "queries=1", "eval_queries=2", "meta_batch=2", "inner_steps=2",
         "meta_iters=14", "checkpoint_every=1", "val_every=7", "val_tasks=4", "test_tasks=4",
-        "threads=1"]
+        "threads=1", "batching=vmap"]
 
 
 def cli(*args, **kw):
@@ -64,8 +64,10 @@ def test_config_errors(tmp_path):
         load_config(str(bad))
     with pytest.raises(ValueError, match="does not exist"):
         load_config(str(tmp_path / "missing.json"))
-    cfg = load_config(None, ["outer_lr=0.01", "max_minutes=null", "batched=false"])
-    assert cfg.outer_lr == 0.01 and cfg.max_minutes is None and cfg.batched is False
+    cfg = load_config(None, ["outer_lr=0.01", "max_minutes=null", "batching=loop"])
+    assert cfg.outer_lr == 0.01 and cfg.max_minutes is None and cfg.batching == "loop"
+    with pytest.raises(ValueError, match="batching must be"):
+        load_config(None, ["batching=yes"])
     out = cli("train", "ways=x")
     assert out.returncode == 2 and "expects int" in out.stderr and "Traceback" not in out.stderr
 

@@ -62,7 +62,7 @@ class TrainConfig:
     meta_batch: int = 32
     meta_iters: int = 1000
     max_minutes: Optional[float] = None  # wall-clock budget of training (evaluation excluded)
-    batched: bool = True                 # vmap over tasks where the method allows it
+    batching: str = "auto"   # 'vmap', 'loop', or 'auto': time both on the first iteration, keep the faster
     # evaluation, checkpoints, reproducibility
     val_every: int = 100
     val_tasks: int = 200
@@ -85,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"dataset must be 'omniglot' or 'miniimagenet', got {self.dataset!r}")
         if self.method not in METHOD_NAMES:
             raise ValueError(f"method must be one of {METHOD_NAMES}, got {self.method!r}")
+        if self.batching not in ("auto", "vmap", "loop"):
+            raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {self.batching!r}")
         if self.outer not in ("adam", "sgd"):
             raise ValueError(f"outer must be 'adam' or 'sgd', got {self.outer!r}")
         for name in ("ways", "shots", "queries", "eval_queries", "meta_batch", "meta_iters",
@@ -243,8 +245,19 @@ def _samplers(cfg: TrainConfig, progress):
     return train, val
 
 
-def _ckpt_extra(cfg, iteration, opt, best, elapsed):
-    return {"config": dataclasses.asdict(cfg), "iteration": iteration,
+def _choose_batching(method, model, sampler, indices, rank, world):
+    """Time one meta-batch with vmap and with the loop; all ranks adopt rank 0's choice."""
+    timings = {}
+    for mode in ("vmap", "loop"):
+        t0 = time.perf_counter()
+        mean_meta_gradient(method, model, model.theta(), sampler, indices, mode == "vmap", rank, world)
+        timings[mode] = time.perf_counter() - t0
+    vmap_wins = from_rank0(float(timings["vmap"] <= timings["loop"]), world) > 0.5
+    return ("vmap" if vmap_wins else "loop"), timings
+
+
+def _ckpt_extra(cfg, iteration, opt, best, elapsed, batching):
+    return {"config": dataclasses.asdict(cfg), "iteration": iteration, "batching": batching,
             "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
             "best_val": best, "elapsed": elapsed, "tasks_drawn": iteration * cfg.meta_batch}
 
@@ -276,7 +289,7 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
         saved = TrainConfig(**ck["config"])
         if dataclasses.asdict(saved) != dataclasses.asdict(cfg):
             diff = {k: (v, getattr(cfg, k)) for k, v in dataclasses.asdict(saved).items() if getattr(cfg, k) != v}
-            changeable = {"meta_iters", "max_minutes", "threads", "data_dir"}
+            changeable = {"meta_iters", "max_minutes", "threads", "data_dir", "batching"}
             if set(diff) - changeable:
                 raise ValueError(f"--resume with a different config: {diff}; only "
                                  f"{sorted(changeable)} may change on resume")
@@ -299,13 +312,16 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
     train_tasks, val_tasks = _samplers(cfg, quiet)
     method = build_method(cfg.method_config())
     eval_method = build_method(cfg.method_config(eval=True))
-    batched = cfg.batched and supports_batching(method)
+    batching = cfg.batching if supports_batching(method) else "loop"
+    if batching == "auto" and resume:
+        batching = ck.get("batching", "auto")  # the choice made when the run started
     meta = dict(dataset=cfg.dataset, ways=cfg.ways, shots=cfg.shots, queries=cfg.eval_queries,
                 method=cfg.method_config(eval=True))
 
     def save(path, iteration):
         if lead:
-            save_checkpoint(path, net, **meta, **_ckpt_extra(cfg, iteration, opt, best, elapsed))
+            save_checkpoint(path, net, **meta,
+                            **_ckpt_extra(cfg, iteration, opt, best, elapsed, batching))
 
     bar = tqdm(total=cfg.meta_iters, initial=start, desc=f"{cfg.method} {cfg.ways}-way {cfg.shots}-shot",
                disable=None if progress else True, dynamic_ncols=True)
@@ -317,8 +333,13 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
             break
         t0 = time.perf_counter()
         indices = range((it - 1) * cfg.meta_batch, it * cfg.meta_batch)
+        if batching == "auto":
+            batching, timings = _choose_batching(method, model, train_tasks, indices, rank, world)
+            if lead:
+                bar.write(f"batching: vmap {timings['vmap']:.2f} s, loop {timings['loop']:.2f} s "
+                          f"per meta-batch; using {batching}")
         g, loss, acc = mean_meta_gradient(method, model, model.theta(), train_tasks, indices,
-                                          batched, rank, world)
+                                          batching == "vmap", rank, world)
         apply_meta_gradient(model, opt, g)
         dt = time.perf_counter() - t0
         elapsed += dt
