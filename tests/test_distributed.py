@@ -91,3 +91,11 @@ def test_two_process_training_resumes_to_the_same_metrics(tmp_path):
                       for r in read_metrics(d)]
     assert rows(tmp_path / "straight") == rows(tmp_path / "interrupted")
     assert len(rows(tmp_path / "straight")) == 8  # 6 train rows + 2 validations
+
+
+def test_auto_batching_times_both_paths():
+    from imaml.train import _choose_batching
+    fm, sampler = setup()
+    mode, timings = _choose_batching(METHODS["imaml"], fm, to_double(sampler), range(4), 0, 1)
+    assert mode in ("vmap", "loop") and timings["vmap"] > 0 and timings["loop"] > 0
+    assert mode == min(timings, key=timings.get)
