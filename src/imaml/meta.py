@@ -152,7 +152,8 @@ class IMAML(_Method):
         # A second-order inner solver (Newton-CG) uses the same curvature as the linear system.
         problem = super().problem(model, theta, task)
         if self.curvature == "ggn":
-            problem.curvature = lambda phi: make_ggn(model, task.x_support, task.y_support, phi)
+            problem.curvature = lambda phi: self.curvature_product(model, task.x_support,
+                                                                   task.y_support, phi)
         return problem
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
