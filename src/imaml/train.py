@@ -264,7 +264,7 @@ def _ckpt_extra(cfg, iteration, opt, best, elapsed, batching):
 
 def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool = True,
           log=print) -> Dict[str, Any]:
-    """Run (or resume) meta-training; returns the final summary (also in out_dir/final.json)."""
+    """Run (or resume) meta-training; returns a summary (also in out_dir/train_summary.json)."""
     from tqdm import tqdm
     rank, world = init_from_env()
     lead = rank == 0
@@ -323,13 +323,25 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
             save_checkpoint(path, net, **meta,
                             **_ckpt_extra(cfg, iteration, opt, best, elapsed, batching))
 
+    def validate(iteration):
+        nonlocal best
+        res = evaluate(eval_method, model, model.theta(), val_tasks, cfg.val_tasks, progress=False)
+        metrics.log(iteration=iteration, split="val", accuracy=repr(res.mean), ci95=repr(res.ci95))
+        if res.mean > best:
+            best = res.mean
+            save(out / "best.pt", iteration)
+        bar.write(f"iteration {iteration}: meta-val accuracy {res}")
+
     bar = tqdm(total=cfg.meta_iters, initial=start, desc=f"{cfg.method} {cfg.ways}-way {cfg.shots}-shot",
                disable=None if progress else True, dynamic_ncols=True)
     it = start
     for it in range(start + 1, cfg.meta_iters + 1):
         if cfg.max_minutes is not None and from_rank0(elapsed, world) >= 60 * cfg.max_minutes:
-            log(f"time budget of {cfg.max_minutes} min reached at iteration {it - 1}")
             it -= 1
+            if lead:
+                bar.write(f"time budget of {cfg.max_minutes} min reached at iteration {it}")
+                if it > start and it % cfg.val_every:  # the last model gets its validation too
+                    validate(it)
             break
         t0 = time.perf_counter()
         indices = range((it - 1) * cfg.meta_batch, it * cfg.meta_batch)
@@ -351,12 +363,7 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}%",
                         best_val=f"{100 * best:.1f}%" if best >= 0 else "-")
         if it % cfg.val_every == 0 or it == cfg.meta_iters:
-            res = evaluate(eval_method, model, model.theta(), val_tasks, cfg.val_tasks, progress=False)
-            metrics.log(iteration=it, split="val", accuracy=repr(res.mean), ci95=repr(res.ci95))
-            if res.mean > best:
-                best = res.mean
-                save(out / "best.pt", it)
-            bar.write(f"iteration {it}: meta-val accuracy {res}")
+            validate(it)
         if it % cfg.checkpoint_every == 0:
             save(last, it)
     bar.close()
