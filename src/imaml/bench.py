@@ -135,7 +135,7 @@ def table(rows: List[Dict]) -> str:
 
 
 def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int], batch: int,
-        reps: int, modes: List[str], progress=print) -> Dict:
+        reps: int, modes: List[str], threads: Optional[int] = None, progress=print) -> Dict:
     """The benchmark suite: every (workload, mode, method, K); JSON, Markdown and a plot."""
     for w in workloads:
         if w not in WORKLOADS:
@@ -148,8 +148,8 @@ def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int]
     for w in workloads:
         for mode in modes:
             ms = [m for m in methods if not (mode == "vmap" and m == "imaml-hf")]
-            rows += sweep(ms, steps, w, mode, batch, reps, progress=progress)
-    res = {"machine": machine(), "batch": batch, "reps": reps, "rows": rows}
+            rows += sweep(ms, steps, w, mode, batch, reps, threads=threads, progress=progress)
+    res = {"machine": machine(), "batch": batch, "reps": reps, "threads": threads, "rows": rows}
     with open(os.path.join(out_dir, "bench.json"), "w") as fh:
         json.dump(res, fh, indent=1)
     with open(os.path.join(out_dir, "bench.md"), "w") as fh:

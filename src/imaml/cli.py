@@ -66,7 +66,7 @@ def _bench(args) -> int:
     from .bench import run
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     run(args.out, args.workloads.split(","), args.methods.split(","), ints(args.steps),
-        args.batch, args.reps, args.modes.split(","))
+        args.batch, args.reps, args.modes.split(","), threads=args.threads)
     return 0
 
 
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="task: one task; loop / vmap: a meta-batch task by task / vmapped")
     b.add_argument("--batch", type=int, default=16, help="tasks in a meta-batch")
     b.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    b.add_argument("--threads", type=int, help="torch threads in each measuring process")
     b.set_defaults(fn=_bench)
 
     e = sub.add_parser("eval", help="adapt a meta-trained checkpoint on test tasks and report "
