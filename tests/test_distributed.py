@@ -50,6 +50,9 @@ def _worker(rank, world, init_file, name, batched, out):
                                       batched, rank, world)
     if rank == 0:
         torch.save((g, loss, acc), out)
+    # Both ranks leave together: a gloo peer torn down while the other is still connected can
+    # abort the process ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

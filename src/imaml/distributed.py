@@ -90,5 +90,7 @@ def barrier(world: int) -> None:
 
 
 def finish(world: int) -> None:
+    """Leave the process group together (a peer torn down early can abort the other)."""
     if world > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
