@@ -87,10 +87,3 @@ def from_rank0(value: float, world: int) -> float:
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
-
-
-def finish(world: int) -> None:
-    """Leave the process group together (a peer torn down early can abort the other)."""
-    if world > 1 and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
