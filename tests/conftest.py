@@ -1,5 +1,15 @@
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+# Tests that need the real datasets find them through $IMAML_DATA, as a user would.
+DATA = os.environ.get("IMAML_DATA")
+HAVE_OMNIGLOT = bool(DATA) and any((Path(DATA) / p).exists() for p in
+                                   ("omniglot/images_background.zip", "images_background.zip"))
+needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found: set IMAML_DATA "
+                                    "to a folder holding omniglot/images_{background,evaluation}.zip")
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@
 Tests that need the real datasets read them from $IMAML_DATA (scripts/test.sh points it at
 ../shared/data when that exists) and skip, saying so, when it is absent.
 """
-import os
 import pickle
 import subprocess
 import sys
@@ -18,13 +17,9 @@ from PIL import Image
 from imaml.data import DataError, ImageClasses, TaskSampler, load_miniimagenet, load_omniglot, load_split
 from imaml.data import omniglot as omni
 from imaml.data.omniglot import omniglot_split, split_names
+from conftest import DATA, needs_omniglot
 
-DATA = os.environ.get("IMAML_DATA")
-HAVE_OMNIGLOT = bool(DATA) and any((Path(DATA) / p).exists() for p in
-                                   ("omniglot/images_background.zip", "images_background.zip"))
 HAVE_MINI = bool(DATA) and (Path(DATA) / "miniimagenet" / "train.csv").exists()
-needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found: set IMAML_DATA "
-                                    "to a folder holding omniglot/images_{background,evaluation}.zip")
 needs_mini = pytest.mark.skipif(not HAVE_MINI, reason="Mini-ImageNet not found: set IMAML_DATA to "
                                 "a folder holding miniimagenet/{images.zip,train.csv,val.csv,test.csv}")
 

@@ -1,8 +1,6 @@
 """Data-parallel meta-training with torch.distributed (gloo, 2 CPU processes)."""
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +11,8 @@ from imaml import IMAML, MAML, FunctionalModel, GradientDescent, conv4
 from imaml.data import ImageClasses, TaskSampler
 from imaml.distributed import mean_meta_gradient
 from imaml.train import read_metrics
+from conftest import needs_omniglot
 
-DATA = os.environ.get("IMAML_DATA")
-HAVE_OMNIGLOT = bool(DATA) and any((Path(DATA) / p).exists() for p in
-                                   ("omniglot/images_background.zip", "images_background.zip"))
 
 
 def setup():
@@ -84,8 +80,7 @@ def torchrun(out, *extra):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-@pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found: set IMAML_DATA to a folder "
-                    "holding omniglot/images_{background,evaluation}.zip")
+@needs_omniglot
 def test_two_process_training_resumes_to_the_same_metrics(tmp_path):
     torchrun(tmp_path / "straight", "meta_iters=6")
     torchrun(tmp_path / "interrupted", "meta_iters=3")

@@ -1,6 +1,5 @@
 """Meta-training: configs, checkpoints, kill-and-resume, and the README's checkpoint API."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,13 +11,9 @@ import torch
 
 from imaml.checkpoint import CheckpointError, MetaModel, build_network, load_checkpoint, save_checkpoint
 from imaml.train import load_config, read_metrics
+from conftest import needs_omniglot
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = os.environ.get("IMAML_DATA")
-HAVE_OMNIGLOT = bool(DATA) and any((Path(DATA) / p).exists() for p in
-                                   ("omniglot/images_background.zip", "images_background.zip"))
-needs_omniglot = pytest.mark.skipif(not HAVE_OMNIGLOT, reason="Omniglot not found: set IMAML_DATA "
-                                    "to a folder holding omniglot/images_{background,evaluation}.zip")
 
 TINY = ["ways=3", "shots=1", "queries=1", "eval_queries=2", "meta_batch=2", "inner_steps=2",
         "meta_iters=14", "checkpoint_every=1", "val_every=7", "val_tasks=4", "test_tasks=4",

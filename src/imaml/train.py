@@ -235,14 +235,17 @@ def plot_curves(out: Path) -> Path:
     return path
 
 
-def _samplers(cfg: TrainConfig, progress):
+def _sampler(cfg: TrainConfig, split: str, queries: int, seed: int, progress):
+    """The task sampler of one split of the config's dataset."""
     from .data import TaskSampler, load_split
-    kw = {"kind": cfg.omniglot_split, "progress": progress} if cfg.dataset == "omniglot" else {"progress": progress}
-    train = TaskSampler(load_split(cfg.dataset, "meta_train", cfg.data_dir, **kw), cfg.ways,
-                        cfg.shots, cfg.queries, seed=cfg.seed)
-    val = TaskSampler(load_split(cfg.dataset, "meta_val", cfg.data_dir, **kw), cfg.ways,
-                      cfg.shots, cfg.eval_queries, seed=cfg.seed + 1)
-    return train, val
+    kw = {"kind": cfg.omniglot_split} if cfg.dataset == "omniglot" else {}
+    classes = load_split(cfg.dataset, split, cfg.data_dir, progress=progress, **kw)
+    return TaskSampler(classes, cfg.ways, cfg.shots, queries, seed=seed)
+
+
+def _samplers(cfg: TrainConfig, progress):
+    return (_sampler(cfg, "meta_train", cfg.queries, cfg.seed, progress),
+            _sampler(cfg, "meta_val", cfg.eval_queries, cfg.seed + 1, progress))
 
 
 def _choose_batching(method, model, sampler, indices, rank, world):
@@ -384,12 +387,9 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
 def test_best(cfg: TrainConfig, out_dir: str, progress: bool = True) -> Dict[str, Any]:
     """Evaluate ``best.pt`` (chosen on meta-validation) on ``test_tasks`` meta-test tasks."""
     from .checkpoint import MetaModel
-    from .data import TaskSampler, load_split
     out = Path(out_dir)
     mm = MetaModel.load(out / "best.pt")
-    kw = {"kind": cfg.omniglot_split, "progress": lambda m: None} if cfg.dataset == "omniglot" else {"progress": lambda m: None}
-    sampler = TaskSampler(load_split(cfg.dataset, "meta_test", cfg.data_dir, **kw), cfg.ways,
-                          cfg.shots, cfg.eval_queries, seed=0)
+    sampler = _sampler(cfg, "meta_test", cfg.eval_queries, 0, lambda m: None)
     t0 = time.perf_counter()
     res = evaluate(mm.method, mm.model, mm.model.theta(), sampler, cfg.test_tasks, progress=progress)
     final = {"test_accuracy": res.mean, "test_ci95": res.ci95, "test_tasks": res.num_tasks,
