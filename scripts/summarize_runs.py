@@ -22,7 +22,7 @@ PAPER = {  # REFERENCE.md, Tables 2 and 3
 
 def main(folders):
     print("| setting | method | meta-test accuracy (600 tasks, 95% CI) | paper | best val | "
-          "meta-iterations | training time | threads |")
+          "meta-iterations | training time | processes x threads |")
     print("|---|---|---|---|---|---|---|---|")
     for f in map(Path, folders):
         cfg = json.loads((f / "config.json").read_text())
@@ -34,7 +34,7 @@ def main(folders):
         print(f"| {cfg['dataset']} {cfg['ways']}-way {cfg['shots']}-shot | {method} | "
               f"{100 * final['test_accuracy']:.2f} ± {100 * final['test_ci95']:.2f} | {paper} | "
               f"{100 * summ['best_val']:.2f} | {summ['iterations']} (best at {final['best_iteration']}) | "
-              f"{summ['train_minutes']:.0f} min | {summ['threads']} |")
+              f"{summ['train_minutes']:.0f} min | {summ.get('processes', 1)} x {summ['threads']} |")
         dest = Path("docs/runs") / f.name
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "metrics.csv", "curves.png", "final.json", "train_summary.json"):

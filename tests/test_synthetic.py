@@ -1,7 +1,6 @@
 import json
 
 
-from imaml.bench import measure_in_subprocess
 from imaml.cli import main
 
 
@@ -17,10 +16,3 @@ def test_synthetic_command_accuracy_part(tmp_path):
     assert err["fomaml"][last] > 0.1 and abs(err["fomaml"][last] - err["fomaml"][last - 3]) < 1e-3  # floor
     assert err["maml"][0] > err["maml"][5] > err["maml"][9] and err["maml"][last] < 1e-10
     assert (tmp_path / "gradient_error.png").stat().st_size > 1000
-
-
-def test_bench_worker_reports_time_and_memory():
-    for mode in ("task", "vmap"):
-        row = measure_in_subprocess(dict(workload="omniglot-5w1s", method="imaml-gd", steps=2,
-                                         mode=mode, batch=2, reps=1))
-        assert row["seconds"] > 0 and row["peak_mib"] >= 0 and len(row["times"]) == 1

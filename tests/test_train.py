@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from imaml.checkpoint import CheckpointError, MetaModel, build_network, load_checkpoint, save_checkpoint
-from imaml.train import load_config, read_metrics
+from imaml.train import load_config, outer_lr_at, read_metrics
 from conftest import needs_omniglot
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["ways=3", "shots=1", "queries=1", "eval_queries=2", "meta_batch=2", "inner_steps=2",
         "meta_iters=14", "checkpoint_every=1", "val_every=7", "val_tasks=4", "test_tasks=4",
-        "threads=1", "batching=vmap"]
+        "threads=1", "batching=vmap", "lr_schedule=cosine", "outer_lr_min=0.0001"]
 
 
 def cli(*args, **kw):
@@ -63,8 +63,23 @@ def test_config_errors(tmp_path):
     assert cfg.outer_lr == 0.01 and cfg.max_minutes is None and cfg.batching == "loop"
     with pytest.raises(ValueError, match="batching must be"):
         load_config(None, ["batching=yes"])
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        load_config(None, ["lr_schedule=step"])
+    with pytest.raises(ValueError, match="outer_lr_min must lie"):
+        load_config(None, ["outer_lr=0.001", "outer_lr_min=0.01"])
     out = cli("train", "ways=x")
     assert out.returncode == 2 and "expects int" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cosine_outer_lr_schedule():
+    cfg = load_config(None, ["outer_lr=0.003", "outer_lr_min=0.0001", "lr_schedule=cosine",
+                             "meta_iters=101"])
+    lrs = [outer_lr_at(cfg, i) for i in range(1, 102)]
+    assert lrs[0] == pytest.approx(0.003) and lrs[-1] == pytest.approx(0.0001)
+    assert lrs[50] == pytest.approx((0.003 + 0.0001) / 2)  # half-way down the cosine
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    const = load_config(None, ["outer_lr=0.003", "meta_iters=101"])
+    assert {outer_lr_at(const, i) for i in (1, 50, 101)} == {0.003}
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -129,6 +144,9 @@ def test_sigkill_and_resume_gives_the_same_metrics(tmp_path):
     r = cli("train", *TINY, "--out", str(tmp_path / "none"), "--resume", "--no-test")
     assert r.returncode == 2 and "no checkpoint" in r.stderr
     r = cli("train", *TINY, "lam=3", "--out", str(run), "--resume", "--no-test")
+    assert r.returncode == 2 and "different config" in r.stderr
+    # under a cosine schedule the length of the run is part of the schedule
+    r = cli("train", *TINY, "meta_iters=20", "--out", str(run), "--resume", "--no-test")
     assert r.returncode == 2 and "different config" in r.stderr
 
 

@@ -1,16 +1,21 @@
 """Time and peak memory of task meta-gradients on the paper's networks (``imaml bench``).
 
-Each figure comes from a fresh Python process: time as the median of ``reps`` calls after one
+Each figure comes from a fresh Python process: time as the median of ``reps`` calls after a
 warm-up call, memory as the peak RSS of one call above the RSS just before it (see
-``imaml.profiling``). Inputs are random images: cost does not depend on pixel values.
-Modes: ``task`` (one task meta-gradient), ``loop`` (a meta-batch, task by task) and ``vmap``
-(a meta-batch in one vmapped call, ``imaml.batched``).
+``imaml.profiling``), the median over ``mem_reps`` fresh processes for one task. The warm-up
+call runs the same workload with one inner step: what a first call initialises (kernels for
+these shapes, allocator pools) does not depend on the number of steps. Inputs are random
+images: cost does not depend on pixel values. Modes: ``task`` (one task meta-gradient),
+``loop`` (a meta-batch, task by task) and ``vmap`` (a meta-batch in one vmapped call,
+``imaml.batched``). A sweep writes its JSON after every figure and, run again into the same
+folder with the same settings, keeps the figures it has and measures only the missing ones.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from typing import Dict, List, Optional
@@ -29,6 +34,7 @@ WORKLOADS = {  # name: (dataset, ways, shots, queries per class)
     "miniimagenet-5w1s": ("miniimagenet", 5, 1, 15),
 }
 MODES = ("task", "loop", "vmap")
+BATCH = {"omniglot-5w1s": 16, "omniglot-20w5s": 4, "miniimagenet-5w1s": 4}  # default meta-batch
 
 
 def make_method(name: str, steps: int, lam: float = 2.0, lr: float = 0.1, cg_max_iter: int = 5):
@@ -57,13 +63,13 @@ def workload(dataset: str, ways: int, shots: int, query: int, tasks: int = 1, se
     return fm, fm.theta(), batch
 
 
-def _call(spec: Dict):
+def _call(spec: Dict, steps: Optional[int] = None):
     from .batched import batch_meta_gradient
     torch.manual_seed(0)
     dataset, ways, shots, query = WORKLOADS[spec["workload"]]
     tasks = 1 if spec["mode"] == "task" else spec["batch"]
     fm, theta, batch = workload(dataset, ways, shots, query, tasks)
-    method = make_method(spec["method"], spec["steps"])
+    method = make_method(spec["method"], steps or spec["steps"])
     if spec["mode"] == "vmap":
         return lambda: batch_meta_gradient(method, fm, theta, batch)
     items = batch.tasks()
@@ -76,12 +82,12 @@ def measure(spec: Dict) -> Dict:
     from .profiling import median_time, peak_memory
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    _call(spec, steps=1)()  # warm-up
     call = _call(spec)
-    call()
     if spec["what"] == "memory":
         return {"peak_mib": peak_memory(call)[1]}
     med, times = median_time(call, reps=spec.get("reps", 3), warmup=0)
-    return {"seconds": med, "times": times, "threads": torch.get_num_threads()}
+    return {"seconds": med, "times": times, "torch_threads": torch.get_num_threads()}
 
 
 # glibc keeps freed memory for reuse, which hides a call's own peak from the RSS high-water mark;
@@ -90,16 +96,23 @@ def measure(spec: Dict) -> Dict:
 _MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def measure_in_subprocess(spec: Dict, memory: bool = True) -> Dict:
-    """Time (and peak memory) of ``spec``, each measured in a fresh Python process."""
+def _worker(spec: Dict, what: str) -> Dict:
+    env = dict(os.environ, **(_MEMORY_ENV if what == "memory" else {}))
+    out = subprocess.run([sys.executable, "-m", "imaml.bench", json.dumps({**spec, "what": what})],
+                         env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed for {spec}:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_in_subprocess(spec: Dict, memory: bool = True, mem_reps: int = 1) -> Dict:
+    """Time of ``spec`` in a fresh process; with ``memory``, its peak memory in each of
+    ``mem_reps`` further fresh processes (``peak_mib``: their median; ``peak_mibs``: all)."""
     row = dict(spec)
-    for what, extra_env in (("time", {}), ("memory", _MEMORY_ENV))[: 2 if memory else 1]:
-        out = subprocess.run([sys.executable, "-m", "imaml.bench", json.dumps({**spec, "what": what})],
-                             env=dict(os.environ, **extra_env), capture_output=True, text=True,
-                             check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"benchmark worker failed for {spec}:\n{out.stderr[-2000:]}")
-        row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    row.update(_worker(spec, "time"))
+    if memory:
+        peaks = [_worker(spec, "memory")["peak_mib"] for _ in range(mem_reps)]
+        row.update(peak_mib=statistics.median(peaks), peak_mibs=peaks)
     return row
 
 
@@ -111,10 +124,26 @@ def sweep(methods: List[str], steps: List[int], workload_name: str = "omniglot-2
         for k in steps:
             row = measure_in_subprocess(dict(workload=workload_name, method=m, steps=k, mode=mode,
                                              batch=batch, reps=reps, threads=threads), memory)
-            mem = f"{row['peak_mib']:9.1f} MiB" if "peak_mib" in row else ""
-            progress(f"  {workload_name:>17} {mode:>4} {m:>9} K={k:<4} {row['seconds']:8.3f} s  {mem}")
+            progress(_line(row))
             rows.append(row)
     return rows
+
+
+def _line(row: Dict) -> str:
+    mem = f"{row['peak_mib']:9.1f} MiB" if "peak_mib" in row else ""
+    return (f"  {row['workload']:>17} {row['mode']:>4} {row['method']:>9} K={row['steps']:<4} "
+            f"{row['seconds']:8.3f} s  {mem}")
+
+
+def _available_mib() -> float:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("inf")
 
 
 def machine() -> Dict:
@@ -127,35 +156,88 @@ def table(rows: List[Dict]) -> str:
     """A Markdown table of sweep rows."""
     lines = ["| workload | mode | method | K | seconds | peak MiB |", "|---|---|---|---|---|---|"]
     for r in rows:
-        mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
         mode = r["mode"] if r["mode"] == "task" else f"{r['mode']} x{r['batch']}"
+        if "skipped" in r:
+            lines.append(f"| {r['workload']} | {mode} | {r['method']} | {r['steps']} | "
+                         f"skipped: {r['skipped']} | - |")
+            continue
+        mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
         lines.append(f"| {r['workload']} | {mode} | {r['method']} | {r['steps']} | "
                      f"{r['seconds']:.3f} | {mem} |")
     return "\n".join(lines)
 
 
-def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int], batch: int,
-        reps: int, modes: List[str], threads: Optional[int] = None, progress=print) -> Dict:
-    """The benchmark suite: every (workload, mode, method, K); JSON, Markdown and a plot."""
+def _key(r: Dict):
+    return (r["workload"], r["mode"], r["method"], r["steps"], r["batch"], r["reps"], r.get("threads"))
+
+
+def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int],
+        batch: Optional[int], reps: int, modes: List[str], threads: Optional[int] = None,
+        mem_reps: int = 3, mem_limit_mib: Optional[float] = None, progress=print) -> Dict:
+    """The benchmark suite: every (workload, mode, method, K); JSON, Markdown and a plot.
+
+    ``batch``: tasks per meta-batch (None: ``BATCH`` of the workload). One task is timed over
+    ``reps`` calls and its memory taken in ``mem_reps`` processes; a meta-batch is timed over one
+    call and its memory taken in one process. A meta-batch whose predicted peak (the task's
+    peak times the batch for ``vmap``) exceeds ``mem_limit_mib`` (default: 80% of the memory
+    available at the start) is skipped and listed as such. ``bench.json`` is rewritten after
+    every figure; rows already in it for the same settings are kept, not measured again.
+    """
     for w in workloads:
         if w not in WORKLOADS:
             raise ValueError(f"unknown workload {w!r}; choose from {sorted(WORKLOADS)}")
     for m in modes:
         if m not in MODES:
             raise ValueError(f"unknown mode {m!r}; choose from {MODES}")
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
     os.makedirs(out_dir, exist_ok=True)
-    rows = []
+    path = os.path.join(out_dir, "bench.json")
+    done = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as fh:
+                done = {_key(r): r for r in json.load(fh)["rows"]}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a bench.json ({e}); remove it or choose another --out") from None
+        if done:
+            progress(f"{path}: {len(done)} figures from an earlier run are kept where they match")
+    limit = mem_limit_mib if mem_limit_mib is not None else 0.8 * _available_mib()
+    res = {"machine": machine(), "reps": reps, "mem_reps": mem_reps, "threads": threads, "rows": []}
+
+    def save():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(res, fh, indent=1)
+        os.replace(tmp, path)
+
     for w in workloads:
-        for mode in modes:
-            ms = [m for m in methods if not (mode == "vmap" and m == "imaml-hf")]
-            rows += sweep(ms, steps, w, mode, batch, reps, threads=threads, progress=progress)
-    res = {"machine": machine(), "batch": batch, "reps": reps, "threads": threads, "rows": rows}
-    with open(os.path.join(out_dir, "bench.json"), "w") as fh:
-        json.dump(res, fh, indent=1)
+        b = batch or BATCH[w]
+        for mode in sorted(modes, key=MODES.index):  # one task first: it predicts batch memory
+            for m in methods:
+                if mode == "vmap" and m == "imaml-hf":
+                    continue  # Newton-CG's line search is not batched
+                for k in steps:
+                    spec = dict(workload=w, method=m, steps=k, mode=mode, batch=b if mode != "task" else 1,
+                                reps=reps if mode == "task" else 1, threads=threads)
+                    row = done.get(_key(spec))
+                    if row is None:
+                        one = done.get(_key(dict(spec, mode="task", batch=1, reps=reps)))
+                        need = one["peak_mib"] * (b if mode == "vmap" else 1) if one and "peak_mib" in one else 0
+                        if need > limit:
+                            row = dict(spec, skipped=f"needs about {need:.0f} MiB, limit {limit:.0f} MiB")
+                            progress(f"  {w:>17} {mode:>4} {m:>9} K={k:<4} {row['skipped']}")
+                        else:
+                            row = measure_in_subprocess(spec, True, mem_reps if mode == "task" else 1)
+                            progress(_line(row))
+                        done[_key(row)] = row
+                    res["rows"].append(row)
+                    save()
     with open(os.path.join(out_dir, "bench.md"), "w") as fh:
-        fh.write(table(rows) + "\n")
-    _plot(rows, os.path.join(out_dir, "bench.png"))
-    progress(table(rows))
+        fh.write(table(res["rows"]) + "\n")
+    _plot([r for r in res["rows"] if "skipped" not in r], os.path.join(out_dir, "bench.png"))
+    progress(table(res["rows"]))
     return res
 
 

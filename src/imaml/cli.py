@@ -66,7 +66,7 @@ def _bench(args) -> int:
     from .bench import run
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     run(args.out, args.workloads.split(","), args.methods.split(","), ints(args.steps),
-        args.batch, args.reps, args.modes.split(","), threads=args.threads)
+        args.batch, args.reps, args.modes.split(","), threads=args.threads, mem_reps=args.mem_reps)
     return 0
 
 
@@ -93,14 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="time and peak memory of meta-gradients against inner "
                        "steps (one fresh process per figure)")
-    b.add_argument("--out", default="results/bench", help="folder for bench.json/.md/.png")
+    b.add_argument("--out", default="results/bench", help="folder for bench.json/.md/.png; "
+                   "run again into the same folder, only missing figures are measured")
     b.add_argument("--workloads", default="omniglot-5w1s,omniglot-20w5s,miniimagenet-5w1s")
     b.add_argument("--methods", default="imaml-gd,imaml-hf,maml")
     b.add_argument("--steps", default="5,10,25,50,100", help="inner steps K, comma-separated")
     b.add_argument("--modes", default="task,loop,vmap",
                    help="task: one task; loop / vmap: a meta-batch task by task / vmapped")
-    b.add_argument("--batch", type=int, default=16, help="tasks in a meta-batch")
-    b.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
+    b.add_argument("--batch", type=int, help="tasks in a meta-batch (default: 16 for "
+                   "omniglot-5w1s, 4 for the larger workloads)")
+    b.add_argument("--reps", type=int, default=3, help="timed repetitions of one task (median); "
+                   "a meta-batch is timed once")
+    b.add_argument("--mem-reps", type=int, default=3, help="fresh processes per memory figure of "
+                   "one task (median); a meta-batch's memory is taken once")
     b.add_argument("--threads", type=int, help="torch threads in each measuring process")
     b.set_defaults(fn=_bench)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ class TrainConfig:
     # outer loop
     outer: str = "adam"
     outer_lr: float = 1e-3
+    lr_schedule: str = "constant"  # or 'cosine': outer_lr -> outer_lr_min over meta_iters
+    outer_lr_min: float = 0.0
     meta_batch: int = 32
     meta_iters: int = 1000
     max_minutes: Optional[float] = None  # wall-clock budget of training (evaluation excluded)
@@ -95,6 +98,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.outer_lr > 0:
             raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not 0 <= self.outer_lr_min <= self.outer_lr:
+            raise ValueError(f"outer_lr_min must lie in [0, outer_lr], got {self.outer_lr_min}")
         build_method(self.method_config())  # the method's own checks (lam > 0, ...)
 
 
@@ -259,6 +266,16 @@ def _choose_batching(method, model, sampler, indices, rank, world):
     return ("vmap" if vmap_wins else "loop"), timings
 
 
+def outer_lr_at(cfg: TrainConfig, iteration: int) -> float:
+    """The outer learning rate of iteration ``iteration`` (1-based): constant, or cosine from
+    ``outer_lr`` at the first iteration to ``outer_lr_min`` at ``meta_iters``. A function of the
+    iteration alone, so a resumed run follows the same schedule."""
+    if cfg.lr_schedule == "constant" or cfg.meta_iters == 1:
+        return cfg.outer_lr
+    frac = (iteration - 1) / (cfg.meta_iters - 1)
+    return cfg.outer_lr_min + 0.5 * (cfg.outer_lr - cfg.outer_lr_min) * (1 + math.cos(math.pi * frac))
+
+
 def _ckpt_extra(cfg, iteration, opt, best, elapsed, batching):
     return {"config": dataclasses.asdict(cfg), "iteration": iteration, "batching": batching,
             "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
@@ -293,6 +310,8 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
         if dataclasses.asdict(saved) != dataclasses.asdict(cfg):
             diff = {k: (v, getattr(cfg, k)) for k, v in dataclasses.asdict(saved).items() if getattr(cfg, k) != v}
             changeable = {"meta_iters", "max_minutes", "threads", "data_dir", "batching"}
+            if cfg.lr_schedule == "cosine":  # the schedule is laid over meta_iters
+                changeable.discard("meta_iters")
             if set(diff) - changeable:
                 raise ValueError(f"--resume with a different config: {diff}; only "
                                  f"{sorted(changeable)} may change on resume")
@@ -355,6 +374,8 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
                           f"per meta-batch; using {batching}")
         g, loss, acc = mean_meta_gradient(method, model, model.theta(), train_tasks, indices,
                                           batching == "vmap", rank, world)
+        for group in opt.param_groups:
+            group["lr"] = outer_lr_at(cfg, it)
         apply_meta_gradient(model, opt, g)
         dt = time.perf_counter() - t0
         elapsed += dt
@@ -378,7 +399,7 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
         save(out / "best.pt", it)
     plot_curves(out)
     summary = {"iterations": it, "train_minutes": elapsed / 60, "best_val": best,
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(), "processes": world}
     with open(out / "train_summary.json", "w") as fh:
         json.dump(summary, fh, indent=1)
     return summary
