@@ -20,7 +20,11 @@ def test_bench_sweep_measures_keeps_and_skips(tmp_path, monkeypatch):
     assert len(rows[0]["peak_mibs"]) == 2 and len(rows[2]["peak_mibs"]) == 1
     assert rows[2]["batch"] == 2 and rows[0]["batch"] == 1
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows
-    assert "| omniglot-5w1s | vmap x2 | imaml-gd | 2 |" in (tmp_path / "bench.md").read_text()
+    md = (tmp_path / "bench.md").read_text()
+    assert "| omniglot-5w1s | vmap x2 | imaml-gd | 2 |" in md
+    ratio = rows[1]["peak_mib"] / rows[0]["peak_mib"]
+    assert f"| omniglot-5w1s | task | imaml-gd | 1 | {rows[0]['peak_mib']:.1f} | 2 |" in md
+    assert f"{ratio:.2f}x |" in md
 
     # run again: every figure is kept, nothing is measured
     def no_measuring(*a, **k):

@@ -160,6 +160,12 @@ def test_train_eval_and_readme_checkpoint_api(tmp_path):
     assert 0.0 <= final["test_accuracy"] <= 1.0 and final["test_tasks"] == 4
     r = cli("eval", str(out / "best.pt"), "--tasks", "6", "--out", str(tmp_path / "e.json"))
     assert r.returncode == 0 and "95% CI over 6 tasks" in r.stdout
+    r = cli("eval", str(out / "best.pt"), "--split", "meta_val", "--tasks", "3", "--inner-steps", "5",
+            "--out", str(tmp_path / "v.json"))
+    assert r.returncode == 0 and "meta_val" in r.stdout
+    assert json.loads((tmp_path / "v.json").read_text())["method"]["inner_steps"] == 5
+    r = cli("eval", str(out / "best.pt"), "--inner-steps", "0")
+    assert r.returncode == 2 and "--inner-steps must be at least 1" in r.stderr
     # the README's "Use a meta-trained model" example, on this checkpoint
     text = (ROOT / "README.md").read_text()
     block = text.split("<!-- checkpoint-example -->")[1].split("```python\n")[1].split("```")[0]

@@ -161,9 +161,27 @@ def table(rows: List[Dict]) -> str:
             lines.append(f"| {r['workload']} | {mode} | {r['method']} | {r['steps']} | "
                          f"skipped: {r['skipped']} | - |")
             continue
-        mem = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+        mem = f"{r['peak_mib']:.1f}" if "peak_mib" in r else "-"
         lines.append(f"| {r['workload']} | {mode} | {r['method']} | {r['steps']} | "
                      f"{r['seconds']:.3f} | {mem} |")
+    return "\n".join(lines)
+
+
+def growth(rows: List[Dict]) -> str:
+    """A Markdown table: peak memory at the fewest and the most inner steps measured, and their
+    ratio, for each (workload, mode, method)."""
+    lines = ["| workload | mode | method | K | peak MiB | K | peak MiB | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in rows:
+        if "peak_mib" in r:
+            groups.setdefault((r["workload"], r["mode"], r["method"]), []).append(r)
+    for (w, mode, m), rs in groups.items():
+        lo, hi = min(rs, key=lambda r: r["steps"]), max(rs, key=lambda r: r["steps"])
+        if lo is not hi:
+            ratio = hi["peak_mib"] / lo["peak_mib"] if lo["peak_mib"] > 0 else float("nan")
+            lines.append(f"| {w} | {mode} | {m} | {lo['steps']} | {lo['peak_mib']:.1f} | "
+                         f"{hi['steps']} | {hi['peak_mib']:.1f} | {ratio:.2f}x |")
     return "\n".join(lines)
 
 
@@ -235,9 +253,10 @@ def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int]
                     res["rows"].append(row)
                     save()
     with open(os.path.join(out_dir, "bench.md"), "w") as fh:
-        fh.write(table(res["rows"]) + "\n")
+        fh.write(table(res["rows"]) + "\n\nPeak memory against inner steps:\n\n"
+                 + growth(res["rows"]) + "\n")
     _plot([r for r in res["rows"] if "skipped" not in r], os.path.join(out_dir, "bench.png"))
-    progress(table(res["rows"]))
+    progress(table(res["rows"]) + "\n\n" + growth(res["rows"]))
     return res
 
 

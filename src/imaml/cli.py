@@ -20,6 +20,13 @@ def _eval(args) -> int:
 
     mm = MetaModel.load(args.checkpoint)
     info = mm.info
+    method_cfg = info["method"]
+    if args.inner_steps is not None:
+        if args.inner_steps < 1:
+            raise ValueError(f"--inner-steps must be at least 1, got {args.inner_steps}")
+        from .checkpoint import build_method
+        method_cfg = {**method_cfg, "inner_steps": args.inner_steps}
+        mm.method = build_method(method_cfg)
     ways = args.ways or info["ways"]
     if ways != info["ways"]:
         raise ValueError(f"the checkpoint's network is {info['ways']}-way; it cannot be "
@@ -37,7 +44,7 @@ def _eval(args) -> int:
         with open(args.out, "w") as fh:
             json.dump({"checkpoint": str(args.checkpoint), "dataset": info["dataset"], "ways": ways,
                        "shots": shots, "queries": queries, "split": args.split, "seed": args.seed,
-                       "method": info["method"], "mean": res.mean, "ci95": res.ci95,
+                       "method": method_cfg, "mean": res.mean, "ci95": res.ci95,
                        "num_tasks": res.num_tasks}, fh, indent=1)
     return 0
 
@@ -122,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ways", type=int, help="default: the checkpoint's")
     e.add_argument("--shots", type=int, help="default: the checkpoint's")
     e.add_argument("--queries", type=int, help="default: the checkpoint's")
+    e.add_argument("--inner-steps", type=int, help="inner steps of the adaptation (default: the "
+                   "checkpoint's); choose it on --split meta_val, never on meta_test")
     e.add_argument("--out", help="also write the result as JSON here")
     e.set_defaults(fn=_eval)
     return p
