@@ -153,8 +153,10 @@ def test_sigkill_and_resume_gives_the_same_metrics(tmp_path):
 @needs_omniglot
 def test_train_eval_and_readme_checkpoint_api(tmp_path):
     out = tmp_path / "run"
-    r = cli("train", *TINY, "meta_iters=3", "--out", str(out))
+    r = cli("train", *TINY, "meta_iters=3", "--out", str(out), "--progress-every", "0")
     assert r.returncode == 0, r.stderr
+    # stdout is a pipe, not a terminal: plain progress lines instead of the bar
+    assert "iteration 3/3 (100%)" in r.stdout and "s/it" in r.stdout
     assert "meta-test accuracy of the best model" in r.stdout
     final = json.loads((out / "final.json").read_text())
     assert 0.0 <= final["test_accuracy"] <= 1.0 and final["test_tasks"] == 4
@@ -164,8 +166,15 @@ def test_train_eval_and_readme_checkpoint_api(tmp_path):
             "--out", str(tmp_path / "v.json"))
     assert r.returncode == 0 and "meta_val" in r.stdout
     assert json.loads((tmp_path / "v.json").read_text())["method"]["inner_steps"] == 5
-    r = cli("eval", str(out / "best.pt"), "--inner-steps", "0")
-    assert r.returncode == 2 and "--inner-steps must be at least 1" in r.stderr
+    r = cli("eval", str(out / "best.pt"), "--split", "meta_val", "--tasks", "3", "--lam", "0.5",
+            "--inner-lr", "0.05", "--out", str(tmp_path / "l.json"))
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "l.json").read_text())["method"]
+    assert (m["lam"], m["inner_lr"]) == (0.5, 0.05)
+    for bad, msg in ((("--inner-steps", "0"), "--inner-steps must be at least 1"),
+                     (("--lam", "0"), "--lam must be > 0"), (("--inner-lr", "-1"), "--inner-lr must be > 0")):
+        r = cli("eval", str(out / "best.pt"), *bad)
+        assert r.returncode == 2 and msg in r.stderr, r.stderr
     # the README's "Use a meta-trained model" example, on this checkpoint
     text = (ROOT / "README.md").read_text()
     block = text.split("<!-- checkpoint-example -->")[1].split("```python\n")[1].split("```")[0]

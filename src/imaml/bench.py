@@ -96,12 +96,22 @@ def measure(spec: Dict) -> Dict:
 _MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
+class WorkerError(RuntimeError):
+    """A measuring process failed; ``reason`` says how in one line."""
+
+    def __init__(self, spec: Dict, returncode: int, stderr: str):
+        killed = returncode == -9 or returncode == 137
+        self.reason = ("killed by signal 9 (out of memory?)" if killed else
+                       f"exit code {returncode}: " + (stderr.strip().splitlines() or [""])[-1][:200])
+        super().__init__(f"benchmark worker failed for {spec}: {self.reason}\n{stderr[-2000:]}")
+
+
 def _worker(spec: Dict, what: str) -> Dict:
     env = dict(os.environ, **(_MEMORY_ENV if what == "memory" else {}))
     out = subprocess.run([sys.executable, "-m", "imaml.bench", json.dumps({**spec, "what": what})],
                          env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed for {spec}:\n{out.stderr[-2000:]}")
+        raise WorkerError(spec, out.returncode, out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -167,6 +177,32 @@ def table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def grid(rows: List[Dict]) -> str:
+    """A Markdown table with one line per (workload, mode, method) and one column per K:
+    seconds and peak MiB of each figure."""
+    ks = sorted({r["steps"] for r in rows})
+    lines = ["| workload | mode | method | " + " | ".join(f"K={k}" for k in ks) + " |",
+             "|---|---|---|" + "---|" * len(ks)]
+    groups: Dict = {}
+    for r in rows:
+        mode = r["mode"] if r["mode"] == "task" else f"{r['mode']} x{r['batch']}"
+        groups.setdefault((r["workload"], mode, r["method"]), {})[r["steps"]] = r
+    for (w, mode, m), by_k in groups.items():
+        cells = []
+        for k in ks:
+            r = by_k.get(k)
+            if r is None:
+                cells.append("")
+            elif "skipped" in r:
+                cells.append("skipped")
+            else:
+                mem = f", {r['peak_mib']:.0f} MiB" if "peak_mib" in r else ""
+                sec = f"{r['seconds']:.0f}" if r["seconds"] >= 100 else f"{r['seconds']:#.3g}"
+                cells.append(f"{sec} s{mem}")
+        lines.append(f"| {w} | {mode} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def growth(rows: List[Dict]) -> str:
     """A Markdown table: peak memory at the fewest and the most inner steps measured, and their
     ratio, for each (workload, mode, method)."""
@@ -189,6 +225,26 @@ def _key(r: Dict):
     return (r["workload"], r["mode"], r["method"], r["steps"], r["batch"], r["reps"], r.get("threads"))
 
 
+def _predicted_mib(spec: Dict, done: Dict, reps: int) -> float:
+    """Predicted peak MiB of a figure, 0 when nothing is known: for a meta-batch, one task's
+    peak times the batch (``vmap``) or once (``loop``), and, when the same meta-batch was
+    measured at fewer steps, that peak scaled as one task's peak grows between the two K
+    (MAML under ``vmap`` holds several times the batch times one task's peak)."""
+    if spec["mode"] == "task":
+        return 0.0
+    task = lambda k: done.get(_key(dict(spec, mode="task", batch=1, reps=reps, steps=k)), {})  # noqa: E731
+    one = task(spec["steps"]).get("peak_mib", 0.0)
+    need = one * (spec["batch"] if spec["mode"] == "vmap" else 1)
+    lower = [r for r in done.values() if "peak_mib" in r and r["steps"] < spec["steps"]
+             and _key(dict(r, steps=spec["steps"])) == _key(spec)]
+    if lower and one:
+        prev = max(lower, key=lambda r: r["steps"])
+        prev_one = task(prev["steps"]).get("peak_mib", 0.0)
+        if prev_one > 0:
+            need = max(need, prev["peak_mib"] * one / prev_one)
+    return need
+
+
 def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int],
         batch: Optional[int], reps: int, modes: List[str], threads: Optional[int] = None,
         mem_reps: int = 3, mem_limit_mib: Optional[float] = None, progress=print) -> Dict:
@@ -199,7 +255,9 @@ def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int]
     call and its memory taken in one process. A meta-batch whose predicted peak (the task's
     peak times the batch for ``vmap``) exceeds ``mem_limit_mib`` (default: 80% of the memory
     available at the start) is skipped and listed as such. ``bench.json`` is rewritten after
-    every figure; rows already in it for the same settings are kept, not measured again.
+    every figure and keeps every figure it held (an interrupted sweep loses none); rows already
+    in it for the same settings are kept, not measured again. The tables and the plot show
+    this sweep's rows.
     """
     for w in workloads:
         if w not in WORKLOADS:
@@ -224,10 +282,12 @@ def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int]
     limit = mem_limit_mib if mem_limit_mib is not None else 0.8 * _available_mib()
     res = {"machine": machine(), "reps": reps, "mem_reps": mem_reps, "threads": threads, "rows": []}
 
-    def save():
+    def save():  # this sweep's rows, then every other figure the file held: nothing is lost
+        mine = {_key(r) for r in res["rows"]}
         tmp = path + ".tmp"
         with open(tmp, "w") as fh:
-            json.dump(res, fh, indent=1)
+            json.dump(dict(res, rows=res["rows"] + [r for k, r in done.items() if k not in mine]),
+                      fh, indent=1)
         os.replace(tmp, path)
 
     for w in workloads:
@@ -241,22 +301,24 @@ def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int]
                                 reps=reps if mode == "task" else 1, threads=threads)
                     row = done.get(_key(spec))
                     if row is None:
-                        one = done.get(_key(dict(spec, mode="task", batch=1, reps=reps)))
-                        need = one["peak_mib"] * (b if mode == "vmap" else 1) if one and "peak_mib" in one else 0
+                        need = _predicted_mib(spec, done, reps)
                         if need > limit:
                             row = dict(spec, skipped=f"needs about {need:.0f} MiB, limit {limit:.0f} MiB")
-                            progress(f"  {w:>17} {mode:>4} {m:>9} K={k:<4} {row['skipped']}")
                         else:
-                            row = measure_in_subprocess(spec, True, mem_reps if mode == "task" else 1)
-                            progress(_line(row))
+                            try:
+                                row = measure_in_subprocess(spec, True, mem_reps if mode == "task" else 1)
+                            except WorkerError as e:  # e.g. killed by the kernel for memory
+                                row = dict(spec, skipped=f"worker failed: {e.reason}")
+                        progress(_line(row) if "skipped" not in row else
+                                 f"  {w:>17} {mode:>4} {m:>9} K={k:<4} {row['skipped']}")
                         done[_key(row)] = row
                     res["rows"].append(row)
                     save()
     with open(os.path.join(out_dir, "bench.md"), "w") as fh:
-        fh.write(table(res["rows"]) + "\n\nPeak memory against inner steps:\n\n"
-                 + growth(res["rows"]) + "\n")
+        fh.write(grid(res["rows"]) + "\n\nPeak memory against inner steps:\n\n"
+                 + growth(res["rows"]) + "\n\nEvery figure:\n\n" + table(res["rows"]) + "\n")
     _plot([r for r in res["rows"] if "skipped" not in r], os.path.join(out_dir, "bench.png"))
-    progress(table(res["rows"]) + "\n\n" + growth(res["rows"]))
+    progress(grid(res["rows"]) + "\n\n" + growth(res["rows"]))
     return res
 
 

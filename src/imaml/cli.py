@@ -21,11 +21,24 @@ def _eval(args) -> int:
     mm = MetaModel.load(args.checkpoint)
     info = mm.info
     method_cfg = info["method"]
+    changes = {}
     if args.inner_steps is not None:
         if args.inner_steps < 1:
             raise ValueError(f"--inner-steps must be at least 1, got {args.inner_steps}")
+        changes["inner_steps"] = args.inner_steps
+    if args.inner_lr is not None:
+        if not args.inner_lr > 0:
+            raise ValueError(f"--inner-lr must be > 0, got {args.inner_lr}")
+        changes["inner_lr"] = args.inner_lr
+    if args.lam is not None:
+        if not str(method_cfg.get("name", "")).startswith("imaml"):
+            raise ValueError(f"--lam is iMAML's proximal λ; this checkpoint's method is {method_cfg.get('name')}")
+        if not 0 < args.lam < float("inf"):
+            raise ValueError(f"--lam must be > 0 and finite, got {args.lam}")
+        changes["lam"] = args.lam
+    if changes:
         from .checkpoint import build_method
-        method_cfg = {**method_cfg, "inner_steps": args.inner_steps}
+        method_cfg = {**method_cfg, **changes}
         mm.method = build_method(method_cfg)
     ways = args.ways or info["ways"]
     if ways != info["ways"]:
@@ -57,7 +70,7 @@ def _train(args) -> int:
     out = args.out or f"runs/{cfg.dataset}-{cfg.ways}w{cfg.shots}s-{cfg.method}"
     if args.data_dir:
         cfg.data_dir = args.data_dir
-    summary = train(cfg, out, resume=args.resume)
+    summary = train(cfg, out, resume=args.resume, progress_every_s=args.progress_every)
     if summary.get("rank", 0) != 0:  # other ranks of a torchrun launch: rank 0 reports
         return 0
     print(f"trained {summary['iterations']} iterations in {summary['train_minutes']:.1f} min; "
@@ -96,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     t.add_argument("--data-dir", help="dataset folder (default: $IMAML_DATA)")
     t.add_argument("--no-test", action="store_true", help="skip the final meta-test evaluation")
+    t.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
+                   help="when the output is not a terminal (a log file, torchrun): a progress "
+                   "line every SECONDS of wall time instead of the bar (default 60)")
     t.set_defaults(fn=_train)
 
     b = sub.add_parser("bench", help="time and peak memory of meta-gradients against inner "
@@ -131,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--queries", type=int, help="default: the checkpoint's")
     e.add_argument("--inner-steps", type=int, help="inner steps of the adaptation (default: the "
                    "checkpoint's); choose it on --split meta_val, never on meta_test")
+    e.add_argument("--inner-lr", type=float, help="inner step size of the adaptation (default: "
+                   "the checkpoint's); choose it on --split meta_val")
+    e.add_argument("--lam", type=float, help="iMAML only: the proximal λ of the adaptation "
+                   "(default: the checkpoint's); choose it on --split meta_val")
     e.add_argument("--out", help="also write the result as JSON here")
     e.set_defaults(fn=_eval)
     return p

@@ -282,9 +282,24 @@ def _ckpt_extra(cfg, iteration, opt, best, elapsed, batching):
             "best_val": best, "elapsed": elapsed, "tasks_drawn": iteration * cfg.meta_batch}
 
 
+def _progress_line(cfg: TrainConfig, it: int, sec_per_it: float, elapsed: float, loss: float,
+                   acc: float, best: float) -> str:
+    left = (cfg.meta_iters - it) * sec_per_it
+    if cfg.max_minutes is not None:
+        left = min(left, max(0.0, 60 * cfg.max_minutes - elapsed))
+    best_txt = f"{100 * best:.1f}%" if best >= 0 else "-"
+    return (f"iteration {it}/{cfg.meta_iters} ({100 * it / cfg.meta_iters:.0f}%), {sec_per_it:.2f} s/it, "
+            f"loss {loss:.3f}, acc {100 * acc:.1f}%, best val {best_txt}, "
+            f"{elapsed / 60:.1f} min trained, about {left / 60:.0f} min left")
+
+
 def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool = True,
-          log=print) -> Dict[str, Any]:
-    """Run (or resume) meta-training; returns a summary (also in out_dir/train_summary.json)."""
+          log=print, progress_every_s: float = 60.0) -> Dict[str, Any]:
+    """Run (or resume) meta-training; returns a summary (also in out_dir/train_summary.json).
+
+    With ``progress``, a terminal gets a progress bar; output that is not a terminal (a log
+    file, a batch job, a torchrun launch) gets a plain line every ``progress_every_s`` seconds.
+    """
     from tqdm import tqdm
     rank, world = init_from_env()
     lead = rank == 0
@@ -356,6 +371,8 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
 
     bar = tqdm(total=cfg.meta_iters, initial=start, desc=f"{cfg.method} {cfg.ways}-way {cfg.shots}-shot",
                disable=None if progress else True, dynamic_ncols=True)
+    plain = progress and bar.disable  # no terminal: tqdm stays off, plain lines instead
+    mark = (time.monotonic(), start, elapsed)  # when, iteration, training seconds of the last line
     it = start
     for it in range(start + 1, cfg.meta_iters + 1):
         if cfg.max_minutes is not None and from_rank0(elapsed, world) >= 60 * cfg.max_minutes:
@@ -386,6 +403,10 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}%",
                         best_val=f"{100 * best:.1f}%" if best >= 0 else "-")
+        if plain and time.monotonic() - mark[0] >= progress_every_s:
+            bar.write(_progress_line(cfg, it, (elapsed - mark[2]) / (it - mark[1]), elapsed,
+                                     loss, acc, best))
+            mark = (time.monotonic(), it, elapsed)
         if it % cfg.val_every == 0 or it == cfg.meta_iters:
             validate(it)
         if it % cfg.checkpoint_every == 0:
