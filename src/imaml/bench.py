@@ -252,9 +252,9 @@ def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int]
 
     ``batch``: tasks per meta-batch (None: ``BATCH`` of the workload). One task is timed over
     ``reps`` calls and its memory taken in ``mem_reps`` processes; a meta-batch is timed over one
-    call and its memory taken in one process. A meta-batch whose predicted peak (the task's
-    peak times the batch for ``vmap``) exceeds ``mem_limit_mib`` (default: 80% of the memory
-    available at the start) is skipped and listed as such. ``bench.json`` is rewritten after
+    call and its memory taken in one process. A meta-batch whose predicted peak (``_predicted_mib``)
+    exceeds ``mem_limit_mib`` (default: 80% of the memory available at the start) is skipped
+    and listed as such, and so is a figure whose measuring process dies. ``bench.json`` is rewritten after
     every figure and keeps every figure it held (an interrupted sweep loses none); rows already
     in it for the same settings are kept, not measured again. The tables and the plot show
     this sweep's rows.
