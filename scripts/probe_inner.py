@@ -4,19 +4,15 @@ for every setting. Run from the repository root with IMAML_DATA set:
 python scripts/probe_inner.py"""
 import torch
 from imaml.checkpoint import MetaModel, build_method
+from imaml.evaluate import evaluate
 from imaml.train import load_config, _sampler
 torch.set_num_threads(1)
 mm = MetaModel.load("runs/o5w1s_imaml_gd_cpu2h/best.pt")
 cfg = load_config("configs/omniglot_5w1s_imaml_gd_cpu2h.json", [])
 s = _sampler(cfg, "meta_val", 5, cfg.seed + 1, lambda m: None)
-tasks = [t for st in range(0, 100, 20) for t in s.batch(range(st, st + 20)).tasks()]
 theta = mm.model.theta()
 for lam, lr, steps in [(2, .1, 16), (2, .1, 32), (2, .2, 8), (2, .2, 16), (2, .3, 5), (2, .4, 3), (2, .4, 5), (1, .1, 16), (1, .2, 16), (.5, .2, 16), (2, .4, 1)]:
     m = build_method({"name": "imaml-gd", "lam": lam, "inner_lr": lr, "inner_steps": steps})
-    accs, gn = [], []
-    for t in tasks:
-        phi = m.adapt(mm.model, theta, t.x_support, t.y_support).phi
-        with torch.no_grad():
-            accs.append(float((mm.model.forward(phi, t.x_query).argmax(-1) == t.y_query).float().mean()))
-            gn.append(float(m.problem(mm.model, theta, t).grad(phi).norm()))
-    print(f"lam {lam} lr {lr} steps {steps}: val acc {100*sum(accs)/len(accs):.2f}%  mean |gradG| {sum(gn)/len(gn):.3f}", flush=True)
+    res = evaluate(m, mm.model, theta, s, num_tasks=100, progress=False)
+    print(f"lam {lam} lr {lr} steps {steps}: val acc {100 * res.mean:.2f}%  mean |gradG| "
+          f"{res.inner_grad_norm:.3f}  grew on {res.inner_grew} of 100 tasks", flush=True)

@@ -172,7 +172,8 @@ def test_train_eval_and_readme_checkpoint_api(tmp_path):
     m = json.loads((tmp_path / "l.json").read_text())["method"]
     assert (m["lam"], m["inner_lr"]) == (0.5, 0.05)
     for bad, msg in ((("--inner-steps", "0"), "--inner-steps must be at least 1"),
-                     (("--lam", "0"), "--lam must be > 0"), (("--inner-lr", "-1"), "--inner-lr must be > 0")):
+                     (("--lam", "0"), "--lam 0.0: lam must be > 0"),
+                     (("--inner-lr", "-1"), "--inner-lr -1.0: lr must be > 0")):
         r = cli("eval", str(out / "best.pt"), *bad)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
     # the README's "Use a meta-trained model" example, on this checkpoint

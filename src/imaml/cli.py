@@ -27,19 +27,19 @@ def _eval(args) -> int:
             raise ValueError(f"--inner-steps must be at least 1, got {args.inner_steps}")
         changes["inner_steps"] = args.inner_steps
     if args.inner_lr is not None:
-        if not args.inner_lr > 0:
-            raise ValueError(f"--inner-lr must be > 0, got {args.inner_lr}")
         changes["inner_lr"] = args.inner_lr
     if args.lam is not None:
         if not str(method_cfg.get("name", "")).startswith("imaml"):
             raise ValueError(f"--lam is iMAML's proximal λ; this checkpoint's method is {method_cfg.get('name')}")
-        if not 0 < args.lam < float("inf"):
-            raise ValueError(f"--lam must be > 0 and finite, got {args.lam}")
         changes["lam"] = args.lam
-    if changes:
+    if changes:  # the method checks the values; the message names the flags
         from .checkpoint import build_method
         method_cfg = {**method_cfg, **changes}
-        mm.method = build_method(method_cfg)
+        try:
+            mm.method = build_method(method_cfg)
+        except ValueError as e:
+            flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
+            raise ValueError(f"{flags}: {e}") from None
     ways = args.ways or info["ways"]
     if ways != info["ways"]:
         raise ValueError(f"the checkpoint's network is {info['ways']}-way; it cannot be "
@@ -53,12 +53,17 @@ def _eval(args) -> int:
         print(f"note: {args.tasks} tasks is below the protocol's {MIN_TEST_TASKS}", file=sys.stderr)
     res = evaluate(mm.method, mm.model, mm.model.theta(), sampler, num_tasks=args.tasks)
     print(f"{info['dataset']} {ways}-way {shots}-shot, {info['method']['name']}, {args.split}: {res}")
+    if res.inner_end:
+        print(res.inner_summary())
+        if res.inner_warning:
+            print(res.inner_warning, file=sys.stderr)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"checkpoint": str(args.checkpoint), "dataset": info["dataset"], "ways": ways,
                        "shots": shots, "queries": queries, "split": args.split, "seed": args.seed,
                        "method": method_cfg, "mean": res.mean, "ci95": res.ci95,
-                       "num_tasks": res.num_tasks}, fh, indent=1)
+                       "num_tasks": res.num_tasks, "inner_grad_norm": res.inner_grad_norm,
+                       "inner_grew": res.inner_grew}, fh, indent=1)
     return 0
 
 
@@ -78,6 +83,8 @@ def _train(args) -> int:
     if not args.no_test:
         final = test_best(cfg, out)
         print(f"meta-test accuracy of the best model: {final['result']}")
+        if final["inner_warning"]:
+            print(final["inner_warning"], file=sys.stderr)
     print(f"run folder: {out} (metrics.csv, curves.png, best.pt, last.pt)")
     return 0
 

@@ -171,7 +171,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
 
 # -- the run ----------------------------------------------------------------------------------
 
-FIELDS = ["iteration", "split", "loss", "accuracy", "ci95", "grad_norm", "seconds"]
+# grad_norm: of the meta-gradient (train rows); inner_grad_norm: mean ‖∇G(φ)‖ after the inner
+# solve on the validation tasks (val rows, methods with λ > 0)
+FIELDS = ["iteration", "split", "loss", "accuracy", "ci95", "grad_norm", "seconds", "inner_grad_norm"]
 
 
 class _Metrics:
@@ -360,14 +362,21 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
             save_checkpoint(path, net, **meta,
                             **_ckpt_extra(cfg, iteration, opt, best, elapsed, batching))
 
+    warned = False
+
     def validate(iteration):
-        nonlocal best
+        nonlocal best, warned
         res = evaluate(eval_method, model, model.theta(), val_tasks, cfg.val_tasks, progress=False)
-        metrics.log(iteration=iteration, split="val", accuracy=repr(res.mean), ci95=repr(res.ci95))
+        inner = "" if res.inner_grad_norm is None else repr(res.inner_grad_norm)
+        metrics.log(iteration=iteration, split="val", accuracy=repr(res.mean), ci95=repr(res.ci95),
+                    inner_grad_norm=inner)
         if res.mean > best:
             best = res.mean
             save(out / "best.pt", iteration)
         bar.write(f"iteration {iteration}: meta-val accuracy {res}")
+        if res.inner_warning and not warned:  # once per run: the run goes on
+            bar.write(f"iteration {iteration}: {res.inner_warning}")
+            warned = True
 
     bar = tqdm(total=cfg.meta_iters, initial=start, desc=f"{cfg.method} {cfg.ways}-way {cfg.shots}-shot",
                disable=None if progress else True, dynamic_ncols=True)
@@ -435,7 +444,8 @@ def test_best(cfg: TrainConfig, out_dir: str, progress: bool = True) -> Dict[str
     t0 = time.perf_counter()
     res = evaluate(mm.method, mm.model, mm.model.theta(), sampler, cfg.test_tasks, progress=progress)
     final = {"test_accuracy": res.mean, "test_ci95": res.ci95, "test_tasks": res.num_tasks,
-             "best_iteration": mm.info["iteration"], "eval_seconds": time.perf_counter() - t0}
+             "best_iteration": mm.info["iteration"], "eval_seconds": time.perf_counter() - t0,
+             "inner_grad_norm": res.inner_grad_norm, "inner_grew": res.inner_grew}
     with open(out / "final.json", "w") as fh:
         json.dump(final, fh, indent=1)
-    return {**final, "result": str(res)}
+    return {**final, "result": str(res), "inner_warning": res.inner_warning}
