@@ -85,8 +85,7 @@ def confidence_interval(accs: List[float]) -> EvalResult:
 
 
 def _grad_norm(method, model: FunctionalModel, theta: torch.Tensor, task: Task, phi) -> float:
-    problem = method.problem(model, theta, Task(task.x_support, task.y_support,
-                                                task.x_support[:0], task.y_support[:0]))
+    problem = method.support_problem(model, theta, task.x_support, task.y_support)
     with torch.no_grad():
         return float(torch.linalg.vector_norm(problem.grad(phi)))
 

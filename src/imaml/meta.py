@@ -84,11 +84,16 @@ class _Method:
     def problem(self, model: FunctionalModel, theta: Tensor, task: Task) -> ProximalProblem:
         return ProximalProblem(task_loss(model, task.x_support, task.y_support), theta, self.lam)
 
+    def support_problem(self, model: FunctionalModel, theta: Tensor, x: Tensor, y: Tensor
+                        ) -> ProximalProblem:
+        """The inner problem of a support set alone (no query set)."""
+        return self.problem(model, theta, Task(x, y, x[:0], y[:0]))
+
     def adapt(self, model: FunctionalModel, theta: Tensor, x: Tensor, y: Tensor) -> InnerResult:
         """Adapt θ to a support set (no meta-gradient): the inner solve alone."""
         theta = theta.detach()
         with torch.no_grad():
-            return self.inner.solve(self.problem(model, theta, Task(x, y, x[:0], y[:0])), theta)
+            return self.inner.solve(self.support_problem(model, theta, x, y), theta)
 
     def _query(self, model: FunctionalModel, phi: Tensor, task: Task):
         """(∇L_test(φ), L_test(φ), accuracy) at a detached φ, in one forward/backward."""
