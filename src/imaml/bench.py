@@ -140,9 +140,11 @@ def sweep(methods: List[str], steps: List[int], workload_name: str = "omniglot-2
 
 
 def _line(row: Dict) -> str:
+    head = f"  {row['workload']:>17} {row['mode']:>4} {row['method']:>9} K={row['steps']:<4} "
+    if "skipped" in row:
+        return head + row["skipped"]
     mem = f"{row['peak_mib']:9.1f} MiB" if "peak_mib" in row else ""
-    return (f"  {row['workload']:>17} {row['mode']:>4} {row['method']:>9} K={row['steps']:<4} "
-            f"{row['seconds']:8.3f} s  {mem}")
+    return head + f"{row['seconds']:8.3f} s  {mem}"
 
 
 def _available_mib() -> float:
@@ -309,8 +311,7 @@ def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int]
                                 row = measure_in_subprocess(spec, True, mem_reps if mode == "task" else 1)
                             except WorkerError as e:  # e.g. killed by the kernel for memory
                                 row = dict(spec, skipped=f"worker failed: {e.reason}")
-                        progress(_line(row) if "skipped" not in row else
-                                 f"  {w:>17} {mode:>4} {m:>9} K={k:<4} {row['skipped']}")
+                        progress(_line(row))
                         done[_key(row)] = row
                     res["rows"].append(row)
                     save()
