@@ -24,6 +24,9 @@ METHODS = [
     IMAML(inner=Nesterov(lr=0.1, momentum=0.5, steps=5)),
     IMAML(inner=GradientDescent(lr=0.1, steps=5), cg_max_iter=40, cg_rtol=1e-4),
     IMAML(inner=GradientDescent(lr=0.1, steps=5), curvature="ggn"),
+    IMAML(inner=GradientDescent(lr=0.5, steps=6, adaptive=True, tol=0.05), linear_solver="minres"),
+    IMAML(inner=Nesterov(lr=0.5, steps=6, adaptive=True, tol=0.05), cg_max_iter=8),
+    MAML(inner=GradientDescent(lr=0.5, steps=3, adaptive=True)),
     MAML(inner=GradientDescent(lr=0.1, steps=3)),
     MAML(inner=GradientDescent(lr=0.1, steps=3), lam=1.0),
     FOMAML(inner=GradientDescent(lr=0.1, steps=3)),
@@ -41,6 +44,15 @@ def test_batched_equals_loop(method):
     assert torch.allclose(r.query_loss, torch.tensor([x.query_loss for x in loop], dtype=torch.float64))
     assert torch.allclose(r.query_accuracy, torch.tensor([x.query_accuracy for x in loop]))
     assert torch.allclose(r.grad, ref.mean(0))
+    # the diagnostics agree with the per-task results too
+    assert r.inner_converged.tolist() == [x.inner.converged for x in loop]
+    norms = [float("nan") if x.inner.grad_norm is None else x.inner.grad_norm for x in loop]
+    if isinstance(method, IMAML) and method.inner.tol > 0:
+        assert torch.allclose(r.inner_grad_norm, torch.tensor(norms, dtype=torch.float64))
+    if isinstance(method, IMAML):
+        assert r.negative_curvature.tolist() == [x.cg.negative_curvature for x in loop]
+        rel = [x.cg.residual / x.cg.residual_norms[0] for x in loop]
+        assert torch.allclose(r.cg_residual, torch.tensor(rel, dtype=torch.float64), rtol=1e-6)
 
 
 @pytest.mark.parametrize("inner_cls", [GradientDescent, Nesterov])

@@ -20,14 +20,45 @@ def quadratic_problem(seed=0):
     lambda L: GradientDescent(lr=1 / L, steps=10_000, tol=1e-8),
     lambda L: Nesterov(lr=1 / L, momentum=0.5, steps=10_000, tol=1e-8),
     lambda L: NewtonCG(steps=50, cg_iters=5, tol=1e-8),
+    # adaptive steps from a first trial 100x too long for this G: rejected and halved
+    lambda L: GradientDescent(lr=100 / L, steps=10_000, tol=1e-8, adaptive=True),
+    lambda L: Nesterov(lr=100 / L, momentum=0.9, steps=10_000, tol=1e-8, adaptive=True),
 ])
 def test_solver_reaches_tolerance(solver_fn):
     problem, phi_star, L = quadratic_problem()
     res = solver_fn(L).solve(problem, problem.theta)
-    assert res.converged and res.grad_norm <= LAM * 1e-8
+    assert res.converged and res.grad_norm <= LAM * 1e-8 and res.stop_reason == "tolerance"
     # strong convexity: ‖φ − φ*‖ ≤ ‖∇G(φ)‖/λ ≤ tol
     assert float((res.phi - phi_star).norm()) <= 1e-8
     assert res.steps > 0 and res.grad_norms[-1] == res.grad_norm
+    # the reported norm is the true one at the returned point
+    assert res.grad_norm == pytest.approx(float(problem.grad(res.phi).norm()), rel=1e-6, abs=1e-14)
+
+
+def test_adaptive_step_converges_where_the_fixed_step_diverges():
+    problem, _, L = quadratic_problem(seed=2)
+    lr = 3.0 / L  # beyond 2/L: fixed-step GD diverges on this quadratic
+    fixed = GradientDescent(lr=lr, steps=200, report=True).solve(problem, problem.theta)
+    adaptive = GradientDescent(lr=lr, steps=200, tol=1e-6, adaptive=True).solve(problem, problem.theta)
+    assert fixed.grad_norm > fixed.grad_norms[0]
+    assert adaptive.converged and adaptive.rejected >= 1
+    # every accepted step decreased G: the objective along the accepted iterates is monotone
+    assert adaptive.grad_norm < 1e-3 * adaptive.grad_norms[0]
+
+
+def test_adaptive_nesterov_beats_adaptive_gd_on_an_ill_conditioned_problem():
+    from conftest import spd_matrix
+    A = spd_matrix(40, cond=200.0) * 0.5  # eigenvalues 0.5 .. 100; with λ = 2, κ(G) ≈ 41
+    b = torch.randn(40, dtype=torch.float64)
+    problem = ProximalProblem(lambda p: 0.5 * p @ A @ p - b @ p, torch.zeros(40, dtype=torch.float64), LAM)
+    phi_star = torch.linalg.solve(A + LAM * torch.eye(40, dtype=torch.float64), b)
+    kw = dict(lr=1.0, steps=10_000, tol=1e-9, adaptive=True)  # a first step 100x too long
+    gd = GradientDescent(**kw).solve(problem, problem.theta)
+    nag = Nesterov(momentum=0.9, **kw).solve(problem, problem.theta)
+    assert gd.converged and nag.converged
+    assert float((nag.phi - phi_star).norm()) <= 1e-9
+    # each iteration costs a gradient, accepted or not: Nesterov needs far fewer
+    assert nag.steps + nag.rejected < 0.6 * (gd.steps + gd.rejected)
 
 
 def test_nesterov_needs_fewer_steps_than_gd():
@@ -43,6 +74,7 @@ def test_step_budget_reports_not_converged():
     problem, _, L = quadratic_problem()
     res = GradientDescent(lr=1 / L, steps=3, tol=1e-12).solve(problem, problem.theta)
     assert res.steps == 3 and not res.converged and res.grad_norm > LAM * 1e-12
+    assert res.stop_reason == "step_cap"
     res = GradientDescent(lr=1 / L, steps=3).solve(problem, problem.theta)
     assert res.grad_norm is None and not res.converged  # no tolerance: no extra gradient
 
@@ -65,7 +97,8 @@ def test_non_finite_loss_raises():
     fm = FunctionalModel(nn.Linear(3, 2).double())
     x = torch.full((4, 3), float("nan"), dtype=torch.float64)
     problem = ProximalProblem(task_loss(fm, x, torch.zeros(4, dtype=torch.long)), fm.theta(), 1.0)
-    for solver in (GradientDescent(steps=2), Nesterov(steps=2), NewtonCG(steps=2)):
+    for solver in (GradientDescent(steps=2), Nesterov(steps=2), NewtonCG(steps=2),
+                   GradientDescent(steps=2, adaptive=True), Nesterov(steps=2, adaptive=True)):
         with pytest.raises(NonFiniteError, match="not finite"):
             solver.solve(problem, problem.theta)
 
@@ -95,3 +128,17 @@ def test_newton_cg_with_gauss_newton_curvature():
     assert res.negative_curvature == 0 and res.line_search_failures == 0
     assert res.grad_norm < 0.05 * res.grad_norms[0]
     assert float(problem.value(res.phi)) < float(problem.value(theta))
+
+
+def test_newton_cg_warm_started_line_search_saves_evaluations():
+    torch.manual_seed(3)
+    fm = FunctionalModel(nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 4)).double())
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 4, (20,))
+    theta = fm.theta() * 3
+    problem = ProximalProblem(task_loss(fm, x, y), theta, lam=0.01)
+    warm = NewtonCG(steps=30, cg_iters=5, report=True).solve(problem, theta)
+    cold = NewtonCG(steps=30, cg_iters=5, report=True, warm_start=False).solve(problem, theta)
+    # the same number of Newton steps, fewer objective evaluations, no worse an objective
+    assert warm.steps == cold.steps == 30
+    assert warm.evaluations < cold.evaluations
+    assert float(problem.value(warm.phi)) <= float(problem.value(cold.phi)) * 1.05

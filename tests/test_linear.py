@@ -97,3 +97,89 @@ def test_dense_solve():
     A = spd_matrix(12, cond=100.0)
     b = torch.randn(12, dtype=torch.float64)
     assert torch.allclose(dense_solve(lambda v: A @ v, b), torch.linalg.solve(A, b))
+
+
+def indefinite_matrix(n=30, seed=0):
+    """A symmetric matrix with eigenvalues on both sides of zero (none near it)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    eig = torch.cat([torch.linspace(-6.0, -0.5, n // 3, dtype=torch.float64),
+                     torch.linspace(0.5, 10.0, n - n // 3, dtype=torch.float64)])
+    return q @ torch.diag(eig) @ q.T
+
+
+def test_minres_solves_an_indefinite_system_exactly():
+    from imaml import minres
+    A = indefinite_matrix()
+    b = torch.randn(30, dtype=torch.float64)
+    res = minres(lambda v: A @ v, b, max_iter=200, rtol=1e-12)
+    exact = torch.linalg.solve(A, b)
+    assert res.converged and not res.breakdown and res.solver == "minres"
+    assert res.negative_curvature  # a Lanczos vector with vᵀAv ≤ 0 was seen
+    assert float((res.x - exact).norm() / exact.norm()) < 1e-9
+    assert float((b - A @ res.x).norm()) <= 1e-11 * float(b.norm())
+
+
+def test_minres_residual_is_monotone_and_true():
+    from imaml import minres
+    A = indefinite_matrix(seed=1)
+    b = torch.randn(30, dtype=torch.float64)
+    prev = float("inf")
+    for k in range(1, 12):
+        res = minres(lambda v: A @ v, b, max_iter=k)
+        true = float((b - A @ res.x).norm())
+        assert res.iterations == k and res.residual == pytest.approx(true, rel=1e-8)
+        assert true <= prev + 1e-12  # MINRES minimises the residual over growing Krylov spaces
+        prev = true
+    # on a positive-definite system it reaches the same solution as CG
+    S = spd_matrix(20, cond=30.0)
+    c = torch.randn(20, dtype=torch.float64)
+    m = minres(lambda v: S @ v, c, max_iter=100, rtol=1e-12)
+    g = conjugate_gradient(lambda v: S @ v, c, max_iter=100, rtol=1e-12)
+    assert torch.allclose(m.x, g.x, atol=1e-9) and not m.negative_curvature
+
+
+def test_minres_stops_on_invariant_krylov_space_and_warm_start():
+    from imaml import minres
+    q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    A = q @ torch.diag(torch.tensor([-2.0] * 6 + [3.0] * 6, dtype=torch.float64)) @ q.T
+    b = torch.randn(12, dtype=torch.float64)
+    res = minres(lambda v: A @ v, b, max_iter=10, atol=1e-10)  # two eigenvalues: exact in 2 steps
+    assert res.iterations == 2 and torch.allclose(res.x, torch.linalg.solve(A, b), atol=1e-10)
+    exact = torch.linalg.solve(A, b)
+    warm = minres(lambda v: A @ v, b, x0=exact, max_iter=5, atol=1e-9)
+    assert warm.iterations == 0 and torch.allclose(warm.x, exact)
+
+
+def test_cg_negative_curvature_policy():
+    from imaml.linear import NegativeCurvatureError
+    A = indefinite_matrix(seed=2)
+    b = torch.randn(30, dtype=torch.float64)
+    res = conjugate_gradient(lambda v: A @ v, b, max_iter=50)  # 'stop', the default
+    assert res.negative_curvature and not res.converged and torch.isfinite(res.x).all()
+    # the iterate returned is the last one before the bad direction: running exactly the
+    # iterations that were accepted reproduces it
+    accepted = len(res.residual_norms) - 1
+    assert res.iterations == accepted + 1
+    again = conjugate_gradient(lambda v: A @ v, b, max_iter=accepted)
+    assert torch.equal(again.x, res.x) and not again.negative_curvature
+    with pytest.raises(NegativeCurvatureError, match="negative curvature"):
+        conjugate_gradient(lambda v: A @ v, b, max_iter=50, on_negative_curvature="raise")
+    with pytest.raises(ValueError, match="on_negative_curvature"):
+        conjugate_gradient(lambda v: A @ v, b, on_negative_curvature="ignore")
+
+
+@pytest.mark.parametrize("solver", ["cg", "minres"])
+def test_batched_solves_equal_single_solves(solver):
+    from torch.func import vmap
+    from imaml.linear import LINEAR_SOLVERS, minres
+    A = spd_matrix(25, cond=100.0) if solver == "cg" else indefinite_matrix(25, seed=3)
+    B = torch.randn(5, 25, dtype=torch.float64)
+    B[2] = 0.0  # a system solved at once: it must stay frozen, not produce NaN
+    state = vmap(lambda b: LINEAR_SOLVERS[solver](lambda v: A @ v, b, max_iter=12, rtol=1e-3,
+                                                  early_stop=False))(B)
+    single = conjugate_gradient if solver == "cg" else minres
+    for i in range(5):
+        r = single(lambda v: A @ v, B[i], max_iter=12, rtol=1e-3)
+        assert torch.allclose(state.x[i], r.x, atol=1e-10) and int(state.iterations[i]) == r.iterations
+        assert float(state.residual[i]) == pytest.approx(r.residual, rel=1e-8, abs=1e-12)

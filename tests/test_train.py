@@ -80,6 +80,13 @@ def test_cosine_outer_lr_schedule():
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
     const = load_config(None, ["outer_lr=0.003", "meta_iters=101"])
     assert {outer_lr_at(const, i) for i in (1, 50, 101)} == {0.003}
+    timed = load_config(None, ["outer_lr=0.003", "outer_lr_min=0.0001", "lr_schedule=cosine-time",
+                               "max_minutes=10"])
+    assert outer_lr_at(timed, 7, elapsed=0.0) == pytest.approx(0.003)
+    assert outer_lr_at(timed, 7, elapsed=300.0) == pytest.approx((0.003 + 0.0001) / 2)
+    assert outer_lr_at(timed, 7, elapsed=900.0) == pytest.approx(0.0001)  # past the budget
+    with pytest.raises(ValueError, match="max_minutes"):
+        load_config(None, ["lr_schedule=cosine-time"])
 
 
 # -- checkpoints ------------------------------------------------------------------------------

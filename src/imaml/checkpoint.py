@@ -35,16 +35,19 @@ def build_method(cfg: Dict[str, Any]):
     name = cfg.get("name")
     lam, lr, steps = cfg.get("lam", 2.0), cfg.get("inner_lr", 0.1), cfg.get("inner_steps", 16)
     tol, cg = cfg.get("inner_tol", 0.0), cfg.get("cg_max_iter", 5)
-    gd = GradientDescent(lr=lr, steps=steps, tol=tol)
-    nag = Nesterov(lr=lr, steps=steps, tol=tol, momentum=cfg.get("momentum", 0.9))
-    curvature = cfg.get("curvature", "hessian")
+    adaptive = cfg.get("inner_adaptive", False)
+    gd = GradientDescent(lr=lr, steps=steps, tol=tol, adaptive=adaptive)
+    nag = Nesterov(lr=lr, steps=steps, tol=tol, momentum=cfg.get("momentum", 0.9),
+                   adaptive=adaptive)
+    system = dict(cg_max_iter=cg, curvature=cfg.get("curvature", "hessian"),
+                  linear_solver=cfg.get("linear_solver", "cg"))
     if name == "imaml-gd":
-        return IMAML(lam=lam, inner=gd, cg_max_iter=cg, curvature=curvature)
+        return IMAML(lam=lam, inner=gd, **system)
     if name == "imaml-nesterov":
-        return IMAML(lam=lam, inner=nag, cg_max_iter=cg, curvature=curvature)
+        return IMAML(lam=lam, inner=nag, **system)
     if name == "imaml-hf":
         hf = NewtonCG(steps=cfg.get("hf_steps", 5), cg_iters=cfg.get("cg_iters", 5), tol=tol)
-        return IMAML(lam=lam, inner=hf, cg_max_iter=cg, curvature=curvature)
+        return IMAML(lam=lam, inner=hf, **system)
     outer_lam = cfg.get("prox_lam", 0.0)  # baselines: plain inner loop unless asked
     if name == "maml":
         return MAML(inner=gd, lam=outer_lam)

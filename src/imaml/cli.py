@@ -63,7 +63,8 @@ def _eval(args) -> int:
                        "shots": shots, "queries": queries, "split": args.split, "seed": args.seed,
                        "method": method_cfg, "mean": res.mean, "ci95": res.ci95,
                        "num_tasks": res.num_tasks, "inner_grad_norm": res.inner_grad_norm,
-                       "inner_grew": res.inner_grew}, fh, indent=1)
+                       "inner_grew": res.inner_grew, "inner_converged": res.inner_converged},
+                      fh, indent=1)
     return 0
 
 

@@ -34,6 +34,7 @@ class EvalResult:
     accuracies: List[float] = field(repr=False)
     inner_start: Optional[List[float]] = field(default=None, repr=False)
     inner_end: Optional[List[float]] = field(default=None, repr=False)
+    inner_met_tol: Optional[List[bool]] = field(default=None, repr=False)
 
     @property
     def num_tasks(self) -> int:
@@ -43,6 +44,14 @@ class EvalResult:
     def inner_grad_norm(self) -> Optional[float]:
         """Mean ‖∇G(φ)‖ over the tasks at the end of the inner solve (None if not recorded)."""
         return sum(self.inner_end) / len(self.inner_end) if self.inner_end else None
+
+    @property
+    def inner_converged(self) -> Optional[float]:
+        """Fraction of the tasks whose inner solve met its tolerance ‖∇G‖ ≤ λ·tol (None if
+        not recorded; 0 for a solver without tolerance)."""
+        if not self.inner_met_tol:
+            return None
+        return sum(self.inner_met_tol) / len(self.inner_met_tol)
 
     @property
     def inner_grew(self) -> Optional[int]:
@@ -57,7 +66,8 @@ class EvalResult:
         start = sum(self.inner_start) / len(self.inner_start)
         return (f"inner problem: mean ||grad G|| {start:.3g} at theta -> {self.inner_grad_norm:.3g} "
                 f"at the adapted phi; larger at phi than at theta on {self.inner_grew} of "
-                f"{len(self.inner_end)} tasks")
+                f"{len(self.inner_end)} tasks; tolerance met on "
+                f"{100 * (self.inner_converged or 0.0):.1f}%")
 
     @property
     def inner_warning(self) -> Optional[str]:
@@ -106,6 +116,7 @@ def evaluate(method, model: FunctionalModel, theta: torch.Tensor, sampler, num_t
     accs: List[float] = []
     at_theta: List[float] = []
     at_phi: List[float] = []
+    met: List[bool] = []
     bar = tqdm(total=num_tasks, desc=desc, disable=None if progress else True, leave=False)
     for start in range(0, num_tasks, batch_size):
         batch = sampler.batch(range(start, min(start + batch_size, num_tasks)))
@@ -117,6 +128,7 @@ def evaluate(method, model: FunctionalModel, theta: torch.Tensor, sampler, num_t
                                 _grad_norm(method, model, theta, task, theta))
                 at_phi.append(inner.grad_norm if inner.grad_norm is not None else
                               _grad_norm(method, model, theta, task, phi))
+                met.append(inner.converged)
             with torch.no_grad():
                 pred = model.forward(phi, task.x_query).argmax(-1)
             accs.append(float((pred == task.y_query).float().mean()))
@@ -126,5 +138,5 @@ def evaluate(method, model: FunctionalModel, theta: torch.Tensor, sampler, num_t
     bar.close()
     res = confidence_interval(accs)
     if inner_stats:
-        res.inner_start, res.inner_end = at_theta, at_phi
+        res.inner_start, res.inner_end, res.inner_met_tol = at_theta, at_phi, met
     return res

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp
+from torch.func import functional_call, grad, grad_and_value, jvp, vjp
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -134,7 +134,9 @@ def make_ggn(model: "FunctionalModel", x: Tensor, y: Tensor, phi: Tensor) -> Cal
     """
     f = lambda p: model.forward(p, x)  # noqa: E731
     z, vjp_fn = vjp(f, phi)
-    out_hvp = make_hvp(lambda out: model.loss_fn(out, y), z.detach(), "fwd-rev")
+    # reverse-over-reverse on the loss of the outputs: forward-over-reverse through
+    # torch.nn.functional.mse_loss fails inside torch ("ZeroTensors are immutable")
+    out_hvp = make_hvp(lambda out: model.loss_fn(out, y), z.detach(), "rev-rev")
     return lambda v: vjp_fn(out_hvp(jvp(f, (phi,), (v,))[1]))[0]
 
 
@@ -167,7 +169,9 @@ class ProximalProblem:
         return grad(self.loss)(phi) + self.lam * (phi - self.theta)
 
     def value_and_grad(self, phi: Tensor):
-        return self.value(phi), self.grad(phi)
+        """(G(φ), ∇G(φ)) from one forward and one backward pass."""
+        g, value = grad_and_value(self.value)(phi)
+        return value, g
 
     def hvp(self, phi: Tensor, mode: str = DEFAULT_HVP) -> Callable[[Tensor], Tensor]:
         """v -> ∇²G(φ) v = H v + λ v (H replaced by ``curvature(φ)`` when given)."""

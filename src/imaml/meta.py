@@ -26,7 +26,7 @@ from torch.func import grad_and_value
 from .functional import (DEFAULT_HVP, FunctionalModel, ProximalProblem, check_finite, make_ggn,
                          make_hvp, task_loss)
 from .inner import GradientDescent, InnerResult, Nesterov, NewtonCG
-from .linear import CGResult, conjugate_gradient
+from .linear import CG_POLICIES, LINEAR_SOLVERS, CGResult, conjugate_gradient, minres
 
 InnerSolver = Union[GradientDescent, Nesterov, NewtonCG]
 
@@ -55,7 +55,7 @@ class MetaGradient:
         query_accuracy: fraction of query labels predicted right (integer targets only).
         phi: the adapted parameters (detached).
         inner: what the inner solver reached.
-        cg: the CG result of iMAML's linear solve (None for other methods).
+        cg: the result of iMAML's linear solve, CG or MINRES (None for other methods).
     """
 
     grad: Tensor
@@ -124,8 +124,14 @@ class IMAML(_Method):
     Args:
         lam: λ > 0, the proximal regularisation strength.
         inner: any inner solver (GradientDescent, Nesterov, NewtonCG).
-        cg_max_iter: CG iterations for (I + H/λ) g = v (5 in the paper).
-        cg_rtol, cg_atol: CG residual tolerance δ′ (0 = run all iterations).
+        cg_max_iter: iterations of the linear solver for (I + H/λ) g = v (5 CG steps in the
+            paper).
+        cg_rtol, cg_atol: its residual tolerance δ′ (0 = run all iterations).
+        linear_solver: 'cg' (the paper's conjugate gradient) or 'minres', which is safe when
+            I + H/λ is indefinite (an inner problem stopped short of a minimum of G).
+        on_negative_curvature: CG's policy when it meets negative curvature: 'stop' (return
+            the last iterate, flagged in ``cg.negative_curvature``) or 'raise'
+            (``imaml.linear.NegativeCurvatureError``). See ``imaml.linear``.
         hvp_mode: 'rev-rev' (double back-prop) or 'fwd-rev' (forward-over-reverse).
         curvature: 'hessian' (default: the exact system of the paper) or 'ggn', the
             generalised Gauss-Newton matrix of the support loss in place of its Hessian. The
@@ -141,11 +147,22 @@ class IMAML(_Method):
     cg_atol: float = 0.0
     hvp_mode: str = DEFAULT_HVP
     curvature: str = "hessian"
+    linear_solver: str = "cg"
+    on_negative_curvature: str = "stop"
 
     def __post_init__(self):
         _check_lam(self.lam, positive=True)
         if self.curvature not in ("hessian", "ggn"):
             raise ValueError(f"curvature must be 'hessian' or 'ggn', got {self.curvature!r}")
+        if self.linear_solver not in LINEAR_SOLVERS:
+            raise ValueError(f"linear_solver must be one of {sorted(LINEAR_SOLVERS)}, "
+                             f"got {self.linear_solver!r}")
+        if self.on_negative_curvature not in CG_POLICIES:
+            raise ValueError(f"on_negative_curvature must be one of {CG_POLICIES}, "
+                             f"got {self.on_negative_curvature!r}")
+        if self.cg_max_iter < 1:
+            raise ValueError(f"cg_max_iter must be >= 1 (0 would return a zero meta-gradient), "
+                             f"got {self.cg_max_iter}")
 
     def curvature_product(self, model: FunctionalModel, x: Tensor, y: Tensor, phi: Tensor):
         """v -> H v (or G v) of the support loss at φ."""
@@ -169,8 +186,13 @@ class IMAML(_Method):
         v, loss, acc = self._query(model, phi, task)
         hvp = self.curvature_product(model, task.x_support, task.y_support, phi)
         lam = self.lam
-        cg = conjugate_gradient(lambda u: u + hvp(u) / lam, v, max_iter=self.cg_max_iter,
-                                rtol=self.cg_rtol, atol=self.cg_atol)
+        system = lambda u: u + hvp(u) / lam  # noqa: E731
+        if self.linear_solver == "minres":
+            cg = minres(system, v, max_iter=self.cg_max_iter, rtol=self.cg_rtol, atol=self.cg_atol)
+        else:
+            cg = conjugate_gradient(system, v, max_iter=self.cg_max_iter, rtol=self.cg_rtol,
+                                    atol=self.cg_atol,
+                                    on_negative_curvature=self.on_negative_curvature)
         return MetaGradient(cg.x.detach(), loss, acc, phi, inner, cg)
 
 

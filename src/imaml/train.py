@@ -48,19 +48,23 @@ class TrainConfig:
     lam: float = 2.0
     inner_lr: float = 0.1
     inner_steps: int = 16
-    inner_tol: float = 0.0
+    inner_tol: float = 0.0      # δ: stop the inner solve at ‖∇G‖ ≤ lam·inner_tol
+    inner_adaptive: bool = False  # accept/reject step sizing from inner_lr (imaml.inner)
     momentum: float = 0.9
     hf_steps: int = 5
     cg_iters: int = 5
     cg_max_iter: int = 5
     curvature: str = "hessian"  # iMAML's system: exact Hessian, or 'ggn' (Gauss-Newton)
+    linear_solver: str = "cg"   # iMAML's linear solver: 'cg' or 'minres' (indefinite-safe)
     truncate: int = 5
     prox_lam: float = 0.0
     eval_inner_steps: Optional[int] = None  # inner steps at evaluation (default: inner_steps)
     # outer loop
     outer: str = "adam"
     outer_lr: float = 1e-3
-    lr_schedule: str = "constant"  # or 'cosine': outer_lr -> outer_lr_min over meta_iters
+    # 'constant'; 'cosine': outer_lr -> outer_lr_min over meta_iters; 'cosine-time': the same
+    # cosine laid over max_minutes of training time, so a time-budgeted run ends its decay
+    lr_schedule: str = "constant"
     outer_lr_min: float = 0.0
     meta_batch: int = 32
     meta_iters: int = 1000
@@ -77,9 +81,11 @@ class TrainConfig:
     def method_config(self, eval: bool = False) -> Dict[str, Any]:
         steps = self.eval_inner_steps if eval and self.eval_inner_steps else self.inner_steps
         return {"name": self.method, "lam": self.lam, "inner_lr": self.inner_lr,
-                "inner_steps": steps, "inner_tol": self.inner_tol, "momentum": self.momentum,
+                "inner_steps": steps, "inner_tol": self.inner_tol,
+                "inner_adaptive": self.inner_adaptive, "momentum": self.momentum,
                 "hf_steps": self.hf_steps, "cg_iters": self.cg_iters,
                 "cg_max_iter": self.cg_max_iter, "curvature": self.curvature,
+                "linear_solver": self.linear_solver,
                 "truncate": self.truncate,
                 "prox_lam": self.prox_lam}
 
@@ -98,8 +104,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.outer_lr > 0:
             raise ValueError(f"outer_lr must be > 0, got {self.outer_lr}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.lr_schedule not in ("constant", "cosine", "cosine-time"):
+            raise ValueError(f"lr_schedule must be 'constant', 'cosine' or 'cosine-time', "
+                             f"got {self.lr_schedule!r}")
+        if self.lr_schedule == "cosine-time" and not self.max_minutes:
+            raise ValueError("lr_schedule 'cosine-time' is laid over max_minutes: set max_minutes")
         if not 0 <= self.outer_lr_min <= self.outer_lr:
             raise ValueError(f"outer_lr_min must lie in [0, outer_lr], got {self.outer_lr_min}")
         build_method(self.method_config())  # the method's own checks (lam > 0, ...)
@@ -172,8 +181,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
 # -- the run ----------------------------------------------------------------------------------
 
 # grad_norm: of the meta-gradient (train rows); inner_grad_norm: mean ‖∇G(φ)‖ after the inner
-# solve on the validation tasks (val rows, methods with λ > 0)
-FIELDS = ["iteration", "split", "loss", "accuracy", "ci95", "grad_norm", "seconds", "inner_grad_norm"]
+# solve (train rows: over the tasks whose solver evaluated it; val rows: methods with λ > 0);
+# inner_converged: fraction of the meta-batch whose inner solve met its tolerance;
+# cg_residual: mean residual of iMAML's linear solve relative to its first;
+# negative_curvature: tasks of the meta-batch whose linear solve met negative curvature
+FIELDS = ["iteration", "split", "loss", "accuracy", "ci95", "grad_norm", "seconds",
+          "inner_grad_norm", "inner_converged", "cg_residual", "negative_curvature"]
 
 
 class _Metrics:
@@ -258,23 +271,33 @@ def _samplers(cfg: TrainConfig, progress):
 
 
 def _choose_batching(method, model, sampler, indices, rank, world):
-    """Time one meta-batch with vmap and with the loop; all ranks adopt rank 0's choice."""
+    """Time one meta-batch with vmap and with the loop, each warm (its second call: the first
+    vmapped call pays a one-off cost that once made the slower loop win); all ranks adopt rank
+    0's choice."""
     timings = {}
     for mode in ("vmap", "loop"):
-        t0 = time.perf_counter()
-        mean_meta_gradient(method, model, model.theta(), sampler, indices, mode == "vmap", rank, world)
+        for _ in range(2):
+            t0 = time.perf_counter()
+            mean_meta_gradient(method, model, model.theta(), sampler, indices, mode == "vmap",
+                               rank, world)
         timings[mode] = time.perf_counter() - t0
     vmap_wins = from_rank0(float(timings["vmap"] <= timings["loop"]), world) > 0.5
     return ("vmap" if vmap_wins else "loop"), timings
 
 
-def outer_lr_at(cfg: TrainConfig, iteration: int) -> float:
+def outer_lr_at(cfg: TrainConfig, iteration: int, elapsed: float = 0.0) -> float:
     """The outer learning rate of iteration ``iteration`` (1-based): constant, or cosine from
-    ``outer_lr`` at the first iteration to ``outer_lr_min`` at ``meta_iters``. A function of the
-    iteration alone, so a resumed run follows the same schedule."""
-    if cfg.lr_schedule == "constant" or cfg.meta_iters == 1:
+    ``outer_lr`` at the first iteration to ``outer_lr_min`` at ``meta_iters`` ('cosine': a
+    function of the iteration alone, so a resumed run follows the same schedule) or at
+    ``max_minutes`` of training time ('cosine-time': a function of the ``elapsed`` training
+    seconds before the iteration, which the checkpoint keeps; timings differ from run to run,
+    so such a run is not bit-reproducible)."""
+    if cfg.lr_schedule == "constant" or (cfg.lr_schedule == "cosine" and cfg.meta_iters == 1):
         return cfg.outer_lr
-    frac = (iteration - 1) / (cfg.meta_iters - 1)
+    if cfg.lr_schedule == "cosine-time":
+        frac = min(1.0, elapsed / (60 * cfg.max_minutes))
+    else:
+        frac = (iteration - 1) / (cfg.meta_iters - 1)
     return cfg.outer_lr_min + 0.5 * (cfg.outer_lr - cfg.outer_lr_min) * (1 + math.cos(math.pi * frac))
 
 
@@ -284,14 +307,32 @@ def _ckpt_extra(cfg, iteration, opt, best, elapsed, batching):
             "best_val": best, "elapsed": elapsed, "tasks_drawn": iteration * cfg.meta_batch}
 
 
+def _cell(value) -> str:
+    """A metrics.csv cell: empty for a figure the method does not produce (NaN)."""
+    return "" if value != value else repr(value)
+
+
+def _inner_text(stats: Dict[str, Any]) -> str:
+    """What the progress line says of the inner and linear solves of the last meta-batch."""
+    parts = []
+    if stats["inner_grad_norm"] == stats["inner_grad_norm"]:
+        parts.append(f"|grad G| {stats['inner_grad_norm']:.3g} "
+                     f"({100 * stats['inner_converged']:.0f}% converged)")
+    if stats["cg_residual"] == stats["cg_residual"]:
+        parts.append(f"linear residual {stats['cg_residual']:.2g}, "
+                     f"negative curvature {stats['negative_curvature']}")
+    return "".join(f", {p}" for p in parts)
+
+
 def _progress_line(cfg: TrainConfig, it: int, sec_per_it: float, elapsed: float, loss: float,
-                   acc: float, best: float) -> str:
+                   acc: float, best: float, stats: Optional[Dict[str, Any]] = None) -> str:
     left = (cfg.meta_iters - it) * sec_per_it
     if cfg.max_minutes is not None:
         left = min(left, max(0.0, 60 * cfg.max_minutes - elapsed))
     best_txt = f"{100 * best:.1f}%" if best >= 0 else "-"
     return (f"iteration {it}/{cfg.meta_iters} ({100 * it / cfg.meta_iters:.0f}%), {sec_per_it:.2f} s/it, "
-            f"loss {loss:.3f}, acc {100 * acc:.1f}%, best val {best_txt}, "
+            f"loss {loss:.3f}, acc {100 * acc:.1f}%, best val {best_txt}"
+            f"{_inner_text(stats) if stats else ''}, "
             f"{elapsed / 60:.1f} min trained, about {left / 60:.0f} min left")
 
 
@@ -329,6 +370,8 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
             changeable = {"meta_iters", "max_minutes", "threads", "data_dir", "batching"}
             if cfg.lr_schedule == "cosine":  # the schedule is laid over meta_iters
                 changeable.discard("meta_iters")
+            if cfg.lr_schedule == "cosine-time":  # ... or over max_minutes
+                changeable.discard("max_minutes")
             if set(diff) - changeable:
                 raise ValueError(f"--resume with a different config: {diff}; only "
                                  f"{sorted(changeable)} may change on resume")
@@ -368,8 +411,9 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
         nonlocal best, warned
         res = evaluate(eval_method, model, model.theta(), val_tasks, cfg.val_tasks, progress=False)
         inner = "" if res.inner_grad_norm is None else repr(res.inner_grad_norm)
+        met = "" if res.inner_converged is None else repr(res.inner_converged)
         metrics.log(iteration=iteration, split="val", accuracy=repr(res.mean), ci95=repr(res.ci95),
-                    inner_grad_norm=inner)
+                    inner_grad_norm=inner, inner_converged=met)
         if res.mean > best:
             best = res.mean
             save(out / "best.pt", iteration)
@@ -384,7 +428,8 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
     mark = (time.monotonic(), start, elapsed)  # when, iteration, training seconds of the last line
     it = start
     for it in range(start + 1, cfg.meta_iters + 1):
-        if cfg.max_minutes is not None and from_rank0(elapsed, world) >= 60 * cfg.max_minutes:
+        trained = from_rank0(elapsed, world)  # rank 0's clock decides for every rank
+        if cfg.max_minutes is not None and trained >= 60 * cfg.max_minutes:
             it -= 1
             if lead:
                 bar.write(f"time budget of {cfg.max_minutes} min reached at iteration {it}")
@@ -398,23 +443,26 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
             if lead:
                 bar.write(f"batching: vmap {timings['vmap']:.2f} s, loop {timings['loop']:.2f} s "
                           f"per meta-batch; using {batching}")
-        g, loss, acc = mean_meta_gradient(method, model, model.theta(), train_tasks, indices,
-                                          batching == "vmap", rank, world)
+        g, stats = mean_meta_gradient(method, model, model.theta(), train_tasks, indices,
+                                      batching == "vmap", rank, world)
+        loss, acc = stats["loss"], stats["accuracy"]
         for group in opt.param_groups:
-            group["lr"] = outer_lr_at(cfg, it)
+            group["lr"] = outer_lr_at(cfg, it, trained)
         apply_meta_gradient(model, opt, g)
         dt = time.perf_counter() - t0
         elapsed += dt
         if not lead:
             continue
         metrics.log(iteration=it, split="train", loss=repr(loss), accuracy=repr(acc),
-                    grad_norm=repr(float(g.norm())), seconds=f"{dt:.4f}")
+                    grad_norm=repr(float(g.norm())), seconds=f"{dt:.4f}",
+                    **{k: _cell(stats[k]) for k in ("inner_grad_norm", "inner_converged",
+                                                    "cg_residual", "negative_curvature")})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", acc=f"{100 * acc:.1f}%",
                         best_val=f"{100 * best:.1f}%" if best >= 0 else "-")
         if plain and time.monotonic() - mark[0] >= progress_every_s:
             bar.write(_progress_line(cfg, it, (elapsed - mark[2]) / (it - mark[1]), elapsed,
-                                     loss, acc, best))
+                                     loss, acc, best, stats))
             mark = (time.monotonic(), it, elapsed)
         if it % cfg.val_every == 0 or it == cfg.meta_iters:
             validate(it)
@@ -445,7 +493,8 @@ def test_best(cfg: TrainConfig, out_dir: str, progress: bool = True) -> Dict[str
     res = evaluate(mm.method, mm.model, mm.model.theta(), sampler, cfg.test_tasks, progress=progress)
     final = {"test_accuracy": res.mean, "test_ci95": res.ci95, "test_tasks": res.num_tasks,
              "best_iteration": mm.info["iteration"], "eval_seconds": time.perf_counter() - t0,
-             "inner_grad_norm": res.inner_grad_norm, "inner_grew": res.inner_grew}
+             "inner_grad_norm": res.inner_grad_norm, "inner_grew": res.inner_grew,
+             "inner_converged": res.inner_converged}
     with open(out / "final.json", "w") as fh:
         json.dump(final, fh, indent=1)
     return {**final, "result": str(res), "inner_warning": res.inner_warning}
