@@ -16,7 +16,7 @@ def test_bench_sweep_measures_keeps_and_skips(tmp_path, monkeypatch):
     rows = res["rows"]
     assert [(r["mode"], r["steps"]) for r in rows] == [("task", 1), ("task", 2), ("vmap", 1), ("vmap", 2)]
     for r in rows:
-        assert r["seconds"] > 0 and r["peak_mib"] >= 0 and len(r["times"]) == 1
+        assert r["seconds"] > 0 and len(r["times"]) == 1
     assert len(rows[0]["peak_mibs"]) == 2 and len(rows[2]["peak_mibs"]) == 1
     assert rows[2]["batch"] == 2 and rows[0]["batch"] == 1
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == rows

@@ -164,6 +164,19 @@ def test_sampler_ragged_classes():
     classes = ImageClasses(base.images, offsets, base.names)
     b = TaskSampler(classes, 4, 2, 4).batch(range(20))
     assert tuple(b.x_query.shape) == (20, 16, 1, 5, 5)
+    # every image drawn lies in the range of its own class, with no image used twice in a
+    # task: the class of 6 images gives exactly its 6 (2 support + 4 query) to every task
+    flat = (classes.images.float() / 255).flatten(1)
+    owner = torch.bucketize(torch.arange(32), offsets[1:], right=True)  # image row -> class
+    for t in b.tasks():
+        rows = [int((flat == im.flatten()).all(1).nonzero()[0])
+                for im in torch.cat([t.x_support, t.x_query])]
+        labels = torch.cat([t.y_support, t.y_query]).tolist()
+        assert len(set(rows)) == len(rows) == 24
+        for lab in range(4):
+            assert len({int(owner[r]) for r, y in zip(rows, labels) if y == lab}) == 1
+        small = [r for r in rows if int(owner[r]) == 1]
+        assert sorted(small) == list(range(8, 14))
 
 
 # -- bad input --------------------------------------------------------------------------------

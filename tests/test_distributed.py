@@ -96,5 +96,4 @@ def test_auto_batching_times_both_paths():
     from imaml.train import _choose_batching
     fm, sampler = setup()
     mode, timings = _choose_batching(METHODS["imaml"], fm, to_double(sampler), range(4), 0, 1)
-    assert mode in ("vmap", "loop") and timings["vmap"] > 0 and timings["loop"] > 0
-    assert mode == min(timings, key=timings.get)
+    assert set(timings) == {"vmap", "loop"} and mode == min(timings, key=timings.get)

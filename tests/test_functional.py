@@ -95,8 +95,14 @@ def test_ggn_matches_dense_gauss_newton_and_is_psd():
     Hz = hessian(lambda out: fm.loss_fn(out, y))(z).reshape(z.numel(), z.numel())
     G = J.T @ Hz @ J
     v = torch.randn_like(theta)
-    assert torch.allclose(make_ggn(fm, x, y, theta)(v), G @ v, rtol=1e-9, atol=1e-12)
-    assert float(torch.linalg.eigvalsh(G).min()) > -1e-10
+    ggn = make_ggn(fm, x, y, theta)
+    assert torch.allclose(ggn(v), G @ v, rtol=1e-9, atol=1e-12)
+    # the operator itself is symmetric and positive semi-definite, unlike the Hessian here
+    U = torch.randn(20, theta.numel(), dtype=theta.dtype)
+    M = torch.stack([ggn(u) for u in U]) @ U.T  # uᵢᵀ G uⱼ
+    assert torch.allclose(M, M.T, atol=1e-10) and float(torch.linalg.eigvalsh(M).min()) > -1e-10
+    Hq = torch.stack([make_hvp(task_loss(fm, x, y), theta)(u) for u in U]) @ U.T
+    assert float(torch.linalg.eigvalsh((Hq + Hq.T) / 2).min()) < 0
 
 
 def test_ggn_equals_hessian_for_linear_least_squares():
@@ -107,3 +113,18 @@ def test_ggn_equals_hessian_for_linear_least_squares():
     f = task_loss(model, task.x_support, task.y_support)
     assert torch.allclose(make_ggn(model, task.x_support, task.y_support, theta)(v),
                           make_hvp(f, theta)(v), rtol=1e-10, atol=1e-12)
+
+
+def test_ggn_with_torch_mse_loss():
+    # forward-over-reverse through torch.nn.functional.mse_loss raised "ZeroTensors are
+    # immutable"; for a squared loss the GGN is 2/n JᵀJ, checked against a dense Jacobian
+    from torch.func import jacrev
+    from imaml.functional import make_ggn
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    fm = FunctionalModel(net, loss_fn=nn.functional.mse_loss)
+    x = torch.randn(6, 1, dtype=torch.float64)
+    y = torch.randn(6, 1, dtype=torch.float64)
+    theta = fm.theta()
+    J = jacrev(lambda p: fm.forward(p, x))(theta).reshape(6, -1)
+    v = torch.randn_like(theta)
+    assert torch.allclose(make_ggn(fm, x, y, theta)(v), (2 / 6) * J.T @ (J @ v), rtol=1e-9)

@@ -86,10 +86,11 @@ def test_newton_cg_on_indefinite_network_hessian():
     x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 4, (20,))
     theta = fm.theta() * 3  # large weights: saturated tanh, strongly indefinite Hessian
     problem = ProximalProblem(task_loss(fm, x, y), theta, lam=0.01)
-    res = NewtonCG(steps=30, cg_iters=5, tol=1e-6, report=True).solve(problem, theta)
-    assert torch.isfinite(res.phi).all()
+    res = NewtonCG(steps=300, cg_iters=5, tol=1e-6, report=True).solve(problem, theta)
+    # it reaches the tolerance it was asked for (‖∇G‖ ≤ λ·tol = 1e-8, from about 1) and says so
+    assert res.converged and res.stop_reason == "tolerance" and res.grad_norm <= 0.01 * 1e-6
+    assert res.grad_norm == pytest.approx(float(problem.grad(res.phi).norm()), rel=1e-6)
     assert float(problem.value(res.phi)) < float(problem.value(theta))
-    assert res.grad_norm < res.grad_norms[0]
     assert res.negative_curvature > 0  # the case this solver must cope with did occur
 
 

@@ -94,9 +94,11 @@ def test_neumann_matches_dense_solve():
 
 
 def test_dense_solve():
+    from imaml.linear import dense_matrix
     A = spd_matrix(12, cond=100.0)
-    b = torch.randn(12, dtype=torch.float64)
-    assert torch.allclose(dense_solve(lambda v: A @ v, b), torch.linalg.solve(A, b))
+    x = torch.randn(12, dtype=torch.float64)
+    assert torch.equal(dense_matrix(lambda v: A @ v, 12), A)  # column i is A eᵢ
+    assert torch.allclose(dense_solve(lambda v: A @ v, A @ x), x, rtol=1e-10, atol=1e-12)
 
 
 def indefinite_matrix(n=30, seed=0):

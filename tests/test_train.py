@@ -71,6 +71,23 @@ def test_config_errors(tmp_path):
     assert out.returncode == 2 and "expects int" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("override,message", [
+    ("outer_lr=inf", "outer_lr must be > 0 and finite"),
+    ("inner_lr=inf", "inner_lr must be > 0 and finite"),
+    ("inner_lr=nan", "inner_lr must be > 0 and finite"),
+    ("lam=inf", "lam must be > 0 and finite"),
+    ("max_minutes=-1", "max_minutes must be > 0"),
+    ("eval_inner_steps=0", "eval_inner_steps must be at least 1"),
+    ("threads=-1", "threads must be at least 1"),
+    ("cg_max_iter=0", "cg_max_iter must be >= 1"),
+    ("linear_solver=lu", "linear_solver must be"),
+    ("lr_schedule=cosine-time", "set max_minutes"),
+])
+def test_config_rejects_impossible_values(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
 def test_cosine_outer_lr_schedule():
     cfg = load_config(None, ["outer_lr=0.003", "outer_lr_min=0.0001", "lr_schedule=cosine",
                              "meta_iters=101"])
@@ -166,9 +183,13 @@ def test_train_eval_and_readme_checkpoint_api(tmp_path):
     assert "iteration 3/3 (100%)" in r.stdout and "s/it" in r.stdout
     assert "meta-test accuracy of the best model" in r.stdout
     final = json.loads((out / "final.json").read_text())
-    assert 0.0 <= final["test_accuracy"] <= 1.0 and final["test_tasks"] == 4
+    assert final["test_tasks"] == 4
     r = cli("eval", str(out / "best.pt"), "--tasks", "6", "--out", str(tmp_path / "e.json"))
     assert r.returncode == 0 and "95% CI over 6 tasks" in r.stdout
+    # the final test is the evaluation protocol on the same meta-test tasks (seed 0)
+    r = cli("eval", str(out / "best.pt"), "--tasks", "4", "--out", str(tmp_path / "e4.json"))
+    assert r.returncode == 0
+    assert json.loads((tmp_path / "e4.json").read_text())["mean"] == final["test_accuracy"]
     r = cli("eval", str(out / "best.pt"), "--split", "meta_val", "--tasks", "3", "--inner-steps", "5",
             "--out", str(tmp_path / "v.json"))
     assert r.returncode == 0 and "meta_val" in r.stdout
@@ -189,3 +210,58 @@ def test_train_eval_and_readme_checkpoint_api(tmp_path):
     ns = {}
     exec(compile(block.replace("runs/quickstart/best.pt", str(out / "best.pt")), "README", "exec"), ns)
     assert ns["labels"].shape == ns["y_query"].shape
+
+
+# -- training on the caller's own model and tasks (no dataset on disk) --------------------------
+
+def synthetic_samplers(ways=3):
+    """Meta-train and meta-val samplers over 12 classes of 6 random 8x8 images each."""
+    from imaml.data import TaskSampler
+    from imaml.data.common import ImageClasses
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12 * 6, 1, 8, 8), generator=g, dtype=torch.uint8)
+    classes = ImageClasses(images, torch.arange(13) * 6, [f"c{i}" for i in range(12)])
+    return TaskSampler(classes, ways, 1, 2, seed=0), TaskSampler(classes, ways, 1, 2, seed=1)
+
+
+SYNTH = ["ways=3", "shots=1", "queries=2", "eval_queries=2", "meta_batch=4", "val_every=10",
+         "val_tasks=20", "checkpoint_every=10", "threads=1", "batching=vmap", "outer_lr=0.01",
+         "inner_adaptive=true", "inner_tol=0.05", "linear_solver=minres"]
+
+
+def test_training_end_to_end_without_a_dataset(tmp_path):
+    from imaml import conv4
+    from imaml.train import train
+    cfg = load_config(None, SYNTH + ["meta_iters=30"])
+    torch.manual_seed(0)
+    net = conv4(1, 3, hidden=8, image_size=8)
+    summary = train(cfg, str(tmp_path / "run"), progress=False, network=net,
+                    samplers=synthetic_samplers())
+    rows = read_metrics(tmp_path / "run")
+    train_rows = [r for r in rows if r["split"] == "train"]
+    val_rows = [r for r in rows if r["split"] == "val"]
+    assert summary["iterations"] == 30 and len(train_rows) == 30
+    assert [int(r["iteration"]) for r in val_rows] == [10, 20, 30]
+    assert summary["best_val"] == max(float(r["accuracy"]) for r in val_rows)
+    # the inner and linear solves are recorded for every iteration
+    for r in train_rows:
+        assert float(r["inner_grad_norm"]) >= 0 and 0 <= float(r["inner_converged"]) <= 1
+        assert 0 <= float(r["cg_residual"]) <= 1  # MINRES never lets the residual grow
+        assert int(r["negative_curvature"]) >= 0
+    # best.pt holds the weights of the best validation, loadable into the same network
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["iteration"] == int(max(val_rows, key=lambda r: float(r["accuracy"]))["iteration"])
+    conv4(1, 3, hidden=8, image_size=8).load_state_dict(best["state_dict"])
+
+
+def test_max_minutes_stops_training_and_validates_the_last_model(tmp_path):
+    from imaml import conv4
+    from imaml.train import train
+    cfg = load_config(None, SYNTH + ["meta_iters=30", "max_minutes=0.00001"])
+    messages = []
+    summary = train(cfg, str(tmp_path / "run"), progress=True, log=messages.append,
+                    network=conv4(1, 3, hidden=8, image_size=8), samplers=synthetic_samplers(),
+                    progress_every_s=1e9)
+    rows = read_metrics(tmp_path / "run")
+    assert summary["iterations"] == 1  # the first iteration already spent the budget
+    assert [(r["iteration"], r["split"]) for r in rows] == [("1", "train"), ("1", "val")]

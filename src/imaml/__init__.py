@@ -3,7 +3,8 @@ from .functional import (FunctionalModel, NonFiniteError, ProximalProblem, make_
                          hvp_fwd_rev, hvp_rev_rev, task_loss)
 from .inner import GradientDescent, InnerResult, Nesterov, NewtonCG
 from .linear import CGResult, conjugate_gradient, dense_solve, minres, neumann_series
-from .meta import FOMAML, IMAML, MAML, MetaGradient, Reptile, Task, TruncatedMAML
+from .meta import FOMAML, IMAML, MAML, MetaGradient, Reptile, TruncatedMAML
+from .tasks import Task, TaskBatch
 from .models import conv4, miniimagenet_conv4, omniglot_conv4
 from .outer import batch_meta_gradient, meta_step
 from .checkpoint import MetaModel
@@ -14,6 +15,6 @@ __all__ = [
     "FunctionalModel", "NonFiniteError", "ProximalProblem", "make_hvp", "hvp_fwd_rev",
     "hvp_rev_rev", "task_loss", "GradientDescent", "Nesterov", "NewtonCG", "InnerResult",
     "CGResult", "conjugate_gradient", "minres", "dense_solve", "neumann_series", "IMAML", "MAML",
-    "TruncatedMAML", "FOMAML", "Reptile", "Task", "MetaGradient", "conv4", "omniglot_conv4",
+    "TruncatedMAML", "FOMAML", "Reptile", "Task", "TaskBatch", "MetaGradient", "conv4", "omniglot_conv4",
     "miniimagenet_conv4", "batch_meta_gradient", "meta_step", "MetaModel",
 ]

@@ -22,10 +22,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoint import build_network
 from .functional import FunctionalModel
-from .inner import GradientDescent, NewtonCG
-from .meta import IMAML, MAML
+from .records import plt as pyplot, write_json_atomic
+from .registry import build_method, build_network
 
 METHODS = ("imaml-gd", "imaml-hf", "maml")
 WORKLOADS = {  # name: (dataset, ways, shots, queries per class)
@@ -38,15 +37,12 @@ BATCH = {"omniglot-5w1s": 16, "omniglot-20w5s": 4, "miniimagenet-5w1s": 4}  # de
 
 
 def make_method(name: str, steps: int, lam: float = 2.0, lr: float = 0.1, cg_max_iter: int = 5):
-    """The benchmarked methods, with the settings of REFERENCE.md's speed table (K = inner GD
-    steps; for iMAML-HF, K = Newton steps of 5 CG iterations each)."""
-    if name == "imaml-gd":
-        return IMAML(lam=lam, inner=GradientDescent(lr=lr, steps=steps), cg_max_iter=cg_max_iter)
-    if name == "imaml-hf":
-        return IMAML(lam=lam, inner=NewtonCG(steps=steps, cg_iters=5), cg_max_iter=cg_max_iter)
-    if name == "maml":
-        return MAML(inner=GradientDescent(lr=lr, steps=steps))
-    raise ValueError(f"unknown method {name!r}; choose one of {METHODS}")
+    """The benchmarked methods (from the registry), with the settings of REFERENCE.md's speed
+    table (K = inner GD steps; for iMAML-HF, K = Newton steps of 5 CG iterations each)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {METHODS}")
+    return build_method({"name": name, "lam": lam, "inner_lr": lr, "inner_steps": steps,
+                         "hf_steps": steps, "cg_iters": 5, "cg_max_iter": cg_max_iter})
 
 
 def workload(dataset: str, ways: int, shots: int, query: int, tasks: int = 1, seed: int = 0):
@@ -286,11 +282,8 @@ def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int]
 
     def save():  # this sweep's rows, then every other figure the file held: nothing is lost
         mine = {_key(r) for r in res["rows"]}
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(dict(res, rows=res["rows"] + [r for k, r in done.items() if k not in mine]),
-                      fh, indent=1)
-        os.replace(tmp, path)
+        write_json_atomic(dict(res, rows=res["rows"] + [r for k, r in done.items() if k not in mine]),
+                          path)
 
     for w in workloads:
         b = batch or BATCH[w]
@@ -324,9 +317,7 @@ def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int]
 
 
 def _plot(rows: List[Dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     groups = sorted({(r["workload"], r["mode"]) for r in rows})
     fig, axes = plt.subplots(2, len(groups), figsize=(4 * len(groups), 6.5), squeeze=False)
     for j, (w, mode) in enumerate(groups):

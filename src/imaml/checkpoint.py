@@ -9,65 +9,19 @@ with ``weights_only=True``:
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
-from .inner import GradientDescent, Nesterov, NewtonCG
-from .meta import FOMAML, IMAML, MAML, Reptile, TruncatedMAML
-from .models import miniimagenet_conv4, omniglot_conv4
+from .records import torch_save_atomic
+from .registry import METHOD_NAMES, build_method, build_network  # noqa: F401 (re-exported)
 
 FORMAT, VERSION = "imaml-checkpoint", 1
-METHOD_NAMES = ("imaml-gd", "imaml-nesterov", "imaml-hf", "maml", "maml-nesterov", "truncated",
-                "fomaml", "reptile")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, of another format, or does not fit the model."""
-
-
-def build_method(cfg: Dict[str, Any]):
-    """A meta-gradient method from a plain dict: ``name`` plus lam (iMAML's λ), inner_lr,
-    inner_steps, inner_tol, momentum, hf_steps, cg_iters, cg_max_iter, curvature ('hessian' or
-    'ggn', iMAML's linear system), truncate, prox_lam (the baselines' proximal λ, 0 by default)."""
-    name = cfg.get("name")
-    lam, lr, steps = cfg.get("lam", 2.0), cfg.get("inner_lr", 0.1), cfg.get("inner_steps", 16)
-    tol, cg = cfg.get("inner_tol", 0.0), cfg.get("cg_max_iter", 5)
-    adaptive = cfg.get("inner_adaptive", False)
-    gd = GradientDescent(lr=lr, steps=steps, tol=tol, adaptive=adaptive)
-    nag = Nesterov(lr=lr, steps=steps, tol=tol, momentum=cfg.get("momentum", 0.9),
-                   adaptive=adaptive)
-    system = dict(cg_max_iter=cg, curvature=cfg.get("curvature", "hessian"),
-                  linear_solver=cfg.get("linear_solver", "cg"))
-    if name == "imaml-gd":
-        return IMAML(lam=lam, inner=gd, **system)
-    if name == "imaml-nesterov":
-        return IMAML(lam=lam, inner=nag, **system)
-    if name == "imaml-hf":
-        hf = NewtonCG(steps=cfg.get("hf_steps", 5), cg_iters=cfg.get("cg_iters", 5), tol=tol)
-        return IMAML(lam=lam, inner=hf, **system)
-    outer_lam = cfg.get("prox_lam", 0.0)  # baselines: plain inner loop unless asked
-    if name == "maml":
-        return MAML(inner=gd, lam=outer_lam)
-    if name == "maml-nesterov":
-        return MAML(inner=nag, lam=outer_lam)
-    if name == "truncated":
-        return TruncatedMAML(inner=gd, truncate=cfg.get("truncate", 5), lam=outer_lam)
-    if name == "fomaml":
-        return FOMAML(inner=gd, lam=outer_lam)
-    if name == "reptile":
-        return Reptile(inner=gd, lam=outer_lam)
-    raise ValueError(f"unknown method {name!r}; choose one of {METHOD_NAMES}")
-
-
-def build_network(dataset: str, ways: int) -> torch.nn.Module:
-    if dataset == "omniglot":
-        return omniglot_conv4(ways)
-    if dataset == "miniimagenet":
-        return miniimagenet_conv4(ways)
-    raise ValueError(f"unknown dataset {dataset!r}; choose 'omniglot' or 'miniimagenet'")
 
 
 def save_checkpoint(path, module: torch.nn.Module, *, dataset: str, ways: int, shots: int,
@@ -77,12 +31,7 @@ def save_checkpoint(path, module: torch.nn.Module, *, dataset: str, ways: int, s
     obj = {"format": FORMAT, "version": VERSION, "dataset": dataset, "ways": ways,
            "shots": shots, "queries": queries, "method": dict(method),
            "state_dict": module.state_dict(), **extra}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    torch_save_atomic(obj, path)
 
 
 def load_checkpoint(path) -> Dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 
@@ -98,6 +99,28 @@ def _bench(args) -> int:
     return 0
 
 
+def _solver_accuracy(args) -> int:
+    from .solver_study import run
+    checkpoints = {}
+    for item in args.checkpoint:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise ValueError(f"--checkpoint expects NAME=PATH, got {item!r}")
+        checkpoints[label] = path
+    if args.tasks < 1:
+        raise ValueError(f"--tasks must be at least 1, got {args.tasks}")
+    print(run(args.out, checkpoints, args.data_dir, args.tasks))
+    print(f"written: {args.out}/solver_accuracy.json, .md, .png")
+    return 0
+
+
+def _time_to_accuracy(args) -> int:
+    from .time_to_accuracy import run
+    print(run(args.runs, args.out))
+    print(f"written: {args.out}/time_to_accuracy.json, .md, .png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imaml", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,6 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the checkpoint's); choose it on --split meta_val")
     e.add_argument("--out", help="also write the result as JSON here")
     e.set_defaults(fn=_eval)
+
+    a = sub.add_parser("solver-accuracy", help="relative error of the meta-gradient's linear "
+                       "solve (CG, MINRES, Gauss-Newton, normal equations, the official "
+                       "operator) against a float64 reference, on meta-validation tasks")
+    a.add_argument("--checkpoint", action="append", required=True, metavar="NAME=PATH",
+                   help="a checkpoint and its label in the table; repeat (early, middle, final)")
+    a.add_argument("--tasks", type=int, default=10, help="meta-validation tasks per checkpoint")
+    a.add_argument("--data-dir", help="dataset folder (default: $IMAML_DATA)")
+    a.add_argument("--out", default="results/solver_accuracy", help="output folder")
+    a.set_defaults(fn=_solver_accuracy)
+
+    w = sub.add_parser("time-to-accuracy", help="meta-validation accuracy against training "
+                       "wall time for run folders of one setting, and the minutes each needed "
+                       "to reach 95, 97 and 98%%")
+    w.add_argument("runs", nargs="+", help="run folders (config.json and metrics.csv[.gz])")
+    w.add_argument("--out", default="results/time_to_accuracy", help="output folder")
+    w.set_defaults(fn=_time_to_accuracy)
     return p
 
 
@@ -168,14 +208,29 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .functional import NonFiniteError
+    from .linear import NegativeCurvatureError
     try:
         return args.fn(args)
-    except (DataError, CheckpointError, ValueError) as e:
+    except (DataError, CheckpointError, ValueError, NonFiniteError, NegativeCurvatureError) as e:
         print(f"imaml {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine's fault, not a bug: full disk, no permission, ...
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                           errno.ENOTDIR, errno.EISDIR, errno.ENOENT):
+            raise
+        print(f"imaml {args.command}: error: {e.strerror if e.filename is None else e}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        import traceback
+        traceback.print_exc()
+        print(f"imaml {args.command}: an unexpected internal error (traceback above); please "
+              "report it as a bug, with the command that caused it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

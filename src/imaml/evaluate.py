@@ -1,5 +1,6 @@
 """The evaluation protocol: adapt on each test task's support set, score its query set, report the
-mean accuracy with a 95% confidence interval (1.96·std/√n) over at least 600 tasks.
+mean accuracy (classification) or query loss (any other task, e.g. regression) with a 95%
+confidence interval (1.96·std/√n) over at least 600 tasks.
 
 Tasks come from a ``TaskSampler`` with a fixed seed, so every method evaluated with the same seed
 sees exactly the same tasks. Select models on meta-validation; run this on meta-test once.
@@ -19,26 +20,35 @@ from typing import List, Optional
 import torch
 
 from .functional import FunctionalModel
-from .meta import Task
+from .tasks import Task
 
 MIN_TEST_TASKS = 600
 
 
 @dataclass
 class EvalResult:
-    """Mean accuracy, its 95% CI half-width, the per-task accuracies and, for a proximal
-    inner problem, ‖∇G‖ per task at θ (``inner_start``) and at the adapted φ (``inner_end``)."""
+    """The mean of the task metric (``metric``: query accuracy for classification, query loss
+    otherwise, e.g. the MSE of a regression) with its 95% CI half-width; per task, the
+    accuracies (classification only), the query losses and, for a proximal inner problem,
+    ‖∇G‖ at θ (``inner_start``) and at the adapted φ (``inner_end``)."""
 
     mean: float
     ci95: float
     accuracies: List[float] = field(repr=False)
+    losses: List[float] = field(default_factory=list, repr=False)
+    metric: str = "accuracy"
     inner_start: Optional[List[float]] = field(default=None, repr=False)
     inner_end: Optional[List[float]] = field(default=None, repr=False)
     inner_met_tol: Optional[List[bool]] = field(default=None, repr=False)
 
     @property
     def num_tasks(self) -> int:
-        return len(self.accuracies)
+        return len(self.accuracies) if self.metric == "accuracy" else len(self.losses)
+
+    @property
+    def loss(self) -> Optional[float]:
+        """Mean query loss over the tasks (None if not recorded)."""
+        return sum(self.losses) / len(self.losses) if self.losses else None
 
     @property
     def inner_grad_norm(self) -> Optional[float]:
@@ -81,17 +91,31 @@ class EvalResult:
                 "lambda; try a smaller inner_lr or lambda, chosen on meta-validation)")
 
     def __str__(self) -> str:
+        if self.metric == "loss":
+            return (f"query loss {self.mean:.4g} ± {self.ci95:.2g} "
+                    f"(95% CI over {self.num_tasks} tasks)")
         return (f"{100 * self.mean:.2f}% ± {100 * self.ci95:.2f}% "
                 f"(95% CI over {self.num_tasks} tasks)")
 
 
-def confidence_interval(accs: List[float]) -> EvalResult:
-    n = len(accs)
+def confidence_interval(values: List[float], losses: Optional[List[float]] = None,
+                        metric: str = "accuracy") -> EvalResult:
+    """Mean and 95% CI half-width 1.96·std/√n of per-task values (accuracies, or losses with
+    ``metric='loss'``)."""
+    n = len(values)
     if n == 0:
         raise ValueError("no tasks were evaluated")
-    t = torch.tensor(accs, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64)
     std = float(t.std(unbiased=True)) if n > 1 else 0.0
-    return EvalResult(float(t.mean()), 1.96 * std / math.sqrt(n), list(accs))
+    accs = list(values) if metric == "accuracy" else []
+    return EvalResult(float(t.mean()), 1.96 * std / math.sqrt(n), accs,
+                      list(losses if losses is not None else (values if metric == "loss" else [])),
+                      metric)
+
+
+def _classifies(out: torch.Tensor, y: torch.Tensor) -> bool:
+    """Class scores [n, classes] against integer labels: accuracy is defined."""
+    return out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
 
 
 def _grad_norm(method, model: FunctionalModel, theta: torch.Tensor, task: Task, phi) -> float:
@@ -114,6 +138,7 @@ def evaluate(method, model: FunctionalModel, theta: torch.Tensor, sampler, num_t
     from tqdm import tqdm
     theta = theta.detach()
     accs: List[float] = []
+    losses: List[float] = []
     at_theta: List[float] = []
     at_phi: List[float] = []
     met: List[bool] = []
@@ -130,13 +155,18 @@ def evaluate(method, model: FunctionalModel, theta: torch.Tensor, sampler, num_t
                               _grad_norm(method, model, theta, task, phi))
                 met.append(inner.converged)
             with torch.no_grad():
-                pred = model.forward(phi, task.x_query).argmax(-1)
-            accs.append(float((pred == task.y_query).float().mean()))
+                out = model.forward(phi, task.x_query)
+                losses.append(float(model.loss_fn(out, task.y_query)))
+            if _classifies(out, task.y_query):
+                accs.append(float((out.argmax(-1) == task.y_query).float().mean()))
             bar.update(1)
             if len(accs) > 1:
                 bar.set_postfix(acc=f"{100 * sum(accs) / len(accs):.2f}%")
+            elif len(losses) > 1:
+                bar.set_postfix(loss=f"{sum(losses) / len(losses):.4g}")
     bar.close()
-    res = confidence_interval(accs)
+    res = (confidence_interval(accs, losses) if len(accs) == len(losses)
+           else confidence_interval(losses, metric="loss"))
     if inner_stats:
         res.inner_start, res.inner_end, res.inner_met_tol = at_theta, at_phi, met
     return res

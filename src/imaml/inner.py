@@ -156,9 +156,11 @@ def _sufficient_decrease(f: Tensor, f_trial: Tensor, lr: Tensor, grad_norm: Tens
 
 
 @dataclass
-class GradientDescent(_Solver):
-    """φ ← φ − lr ∇G(φ), from φ₀ = θ; with ``adaptive``, lr is adapted per task by accepting or
-    rejecting each trial step (module docstring)."""
+class _FirstOrder(_Solver):
+    """The settings gradient descent and Nesterov share: the step ``lr`` (the first trial step
+    with ``adaptive``), ``steps``, the tolerance ``tol`` (δ), ``report`` (evaluate ‖∇G‖ at the
+    returned φ even without a tolerance), and ``grow``, the factor an accepted adaptive step
+    lets the next one grow by."""
 
     lr: float = 0.1
     steps: int = 16
@@ -171,6 +173,12 @@ class GradientDescent(_Solver):
         _check_args(self.steps, self.tol, self.lr)
         if not self.grow >= 1:
             raise ValueError(f"grow must be >= 1, got {self.grow}")
+
+
+@dataclass
+class GradientDescent(_FirstOrder):
+    """φ ← φ − lr ∇G(φ), from φ₀ = θ; with ``adaptive``, lr is adapted per task by accepting or
+    rejecting each trial step (module docstring)."""
 
     def state(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None,
               early_stop: bool = False) -> InnerState:
@@ -236,7 +244,7 @@ class GradientDescent(_Solver):
 
 
 @dataclass
-class Nesterov(_Solver):
+class Nesterov(_FirstOrder):
     """Nesterov's accelerated gradient: y = φ + μ(φ − φ_prev), φ ← y − lr ∇G(y).
 
     For an L-smooth, λ-strongly-convex G, lr = 1/L and μ = (√κ − 1)/(√κ + 1) with κ = L/λ
@@ -246,20 +254,12 @@ class Nesterov(_Solver):
     restart of O'Donoghue & Candès 2015), which keeps the √κ rate without knowing κ.
     """
 
-    lr: float = 0.1
     momentum: float = 0.9
-    steps: int = 16
-    tol: float = 0.0
-    report: bool = False
-    adaptive: bool = False
-    grow: float = 1.1
 
     def __post_init__(self):
-        _check_args(self.steps, self.tol, self.lr)
+        super().__post_init__()
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not self.grow >= 1:
-            raise ValueError(f"grow must be >= 1, got {self.grow}")
 
     def state(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None,
               early_stop: bool = False) -> InnerState:

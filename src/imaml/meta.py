@@ -26,25 +26,10 @@ from torch.func import grad_and_value
 from .functional import (DEFAULT_HVP, FunctionalModel, ProximalProblem, check_finite, make_ggn,
                          make_hvp, task_loss)
 from .inner import GradientDescent, InnerResult, Nesterov, NewtonCG
+from .tasks import Task
 from .linear import CG_POLICIES, LINEAR_SOLVERS, CGResult, conjugate_gradient, minres
 
 InnerSolver = Union[GradientDescent, Nesterov, NewtonCG]
-
-
-@dataclass
-class Task:
-    """One few-shot task: a support (training) set and a query (test) set."""
-
-    x_support: Tensor
-    y_support: Tensor
-    x_query: Tensor
-    y_query: Tensor
-
-    def __post_init__(self):
-        for x, y, name in ((self.x_support, self.y_support, "support"),
-                           (self.x_query, self.y_query, "query")):
-            if x.shape[0] != y.shape[0]:
-                raise ValueError(f"{name} set has {x.shape[0]} inputs but {y.shape[0]} targets")
 
 
 @dataclass

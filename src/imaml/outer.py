@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from .functional import FunctionalModel, check_finite
-from .meta import MetaGradient, Task
+from .meta import MetaGradient
+from .tasks import Task
 
 
 @dataclass

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -24,7 +23,9 @@ from torch import nn
 from .bench import sweep
 from .functional import FunctionalModel
 from .inner import GradientDescent
-from .meta import FOMAML, IMAML, MAML, Task
+from .meta import FOMAML, IMAML, MAML
+from .records import plt as pyplot, write_json_atomic
+from .tasks import Task
 
 INNER_STEPS = [1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100, 150, 200]
 CG_STEPS = [1, 2, 5, 20]
@@ -107,9 +108,7 @@ def compute_memory_study(steps=MEMORY_STEPS, reps: int = 3, progress=print) -> D
 
 
 def plot(results: Dict, out_dir: str) -> List[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = []
     a = results["gradient_error"]
@@ -168,10 +167,7 @@ def run(out_dir: str, skip_compute: bool = False, reps: int = 3, progress=print)
                           "torch": torch.__version__, "threads": torch.get_num_threads()}
     results["seconds"] = time.time() - t0
     path = os.path.join(out_dir, "results.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(results, fh, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(results, path)
     for p in plot(results, out_dir):
         progress(f"wrote {p}")
     progress(f"wrote {path}")

@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..records import torch_save_atomic
+
 ENV_DATA = "IMAML_DATA"
 ENV_CACHE = "IMAML_CACHE"
 
@@ -115,9 +117,7 @@ def load_cached(path: Path, key: str) -> Optional[dict]:
 
 def save_atomic(obj, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    torch_save_atomic(obj, path)
 
 
 def open_zip(path: Path) -> zipfile.ZipFile:

@@ -1,35 +1,14 @@
 """N-way K-shot task sampling, reproducible from (seed, task index) alone."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-from torch import Tensor
 
-from ..meta import Task
+from ..tasks import Task, TaskBatch
 from .common import ImageClasses
 
 DATASETS = ("omniglot", "miniimagenet")
-
-
-@dataclass
-class TaskBatch:
-    """A batch of tasks as stacked tensors: x_* float [tasks, N*K or N*Q, C, H, W]; y_* int64."""
-
-    x_support: Tensor
-    y_support: Tensor
-    x_query: Tensor
-    y_query: Tensor
-
-    def __len__(self) -> int:
-        return self.x_support.shape[0]
-
-    def __getitem__(self, i: int) -> Task:
-        return Task(self.x_support[i], self.y_support[i], self.x_query[i], self.y_query[i])
-
-    def tasks(self):
-        return [self[i] for i in range(len(self))]
 
 
 def _mix(seed: int, index: int) -> int:

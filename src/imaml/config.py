@@ -1,0 +1,188 @@
+"""The configuration of a meta-training run: every setting with its default, validated where it
+enters (a JSON file, ``field=value`` overrides), and the outer learning-rate schedule it
+defines."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .registry import METHOD_NAMES, build_method
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Defaults: iMAML-GD on Omniglot 5-way 1-shot (paper, Table 2)."""
+
+    # data
+    dataset: str = "omniglot"
+    data_dir: Optional[str] = None
+    omniglot_split: str = "random"
+    ways: int = 5
+    shots: int = 1
+    queries: int = 1            # query images per class in meta-training tasks
+    eval_queries: int = 5       # ... and in validation / test tasks
+    # method (see imaml.checkpoint.build_method)
+    method: str = "imaml-gd"
+    lam: float = 2.0
+    inner_lr: float = 0.1
+    inner_steps: int = 16
+    inner_tol: float = 0.0      # δ: stop the inner solve at ‖∇G‖ ≤ lam·inner_tol
+    inner_adaptive: bool = False  # accept/reject step sizing from inner_lr (imaml.inner)
+    momentum: float = 0.9
+    hf_steps: int = 5
+    cg_iters: int = 5
+    cg_max_iter: int = 5
+    curvature: str = "hessian"  # iMAML's system: exact Hessian, or 'ggn' (Gauss-Newton)
+    linear_solver: str = "cg"   # iMAML's linear solver: 'cg' or 'minres' (indefinite-safe)
+    truncate: int = 5
+    prox_lam: float = 0.0
+    eval_inner_steps: Optional[int] = None  # inner steps at evaluation (default: inner_steps)
+    # outer loop
+    outer: str = "adam"
+    outer_lr: float = 1e-3
+    # 'constant'; 'cosine': outer_lr -> outer_lr_min over meta_iters; 'cosine-time': the same
+    # cosine laid over max_minutes of training time, so a time-budgeted run ends its decay
+    lr_schedule: str = "constant"
+    outer_lr_min: float = 0.0
+    meta_batch: int = 32
+    meta_iters: int = 1000
+    max_minutes: Optional[float] = None  # wall-clock budget of training (evaluation excluded)
+    batching: str = "auto"   # 'vmap', 'loop', or 'auto': time both on the first iteration, keep the faster
+    # evaluation, checkpoints, reproducibility
+    val_every: int = 100
+    val_tasks: int = 200
+    test_tasks: int = 600
+    checkpoint_every: int = 25
+    seed: int = 0
+    threads: Optional[int] = None
+
+    def method_config(self, eval: bool = False) -> Dict[str, Any]:
+        steps = self.eval_inner_steps if eval and self.eval_inner_steps else self.inner_steps
+        return {"name": self.method, "lam": self.lam, "inner_lr": self.inner_lr,
+                "inner_steps": steps, "inner_tol": self.inner_tol,
+                "inner_adaptive": self.inner_adaptive, "momentum": self.momentum,
+                "hf_steps": self.hf_steps, "cg_iters": self.cg_iters,
+                "cg_max_iter": self.cg_max_iter, "curvature": self.curvature,
+                "linear_solver": self.linear_solver,
+                "truncate": self.truncate,
+                "prox_lam": self.prox_lam}
+
+    def validate(self) -> None:
+        if self.dataset not in ("omniglot", "miniimagenet"):
+            raise ValueError(f"dataset must be 'omniglot' or 'miniimagenet', got {self.dataset!r}")
+        if self.method not in METHOD_NAMES:
+            raise ValueError(f"method must be one of {METHOD_NAMES}, got {self.method!r}")
+        if self.batching not in ("auto", "vmap", "loop"):
+            raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {self.batching!r}")
+        if self.outer not in ("adam", "sgd"):
+            raise ValueError(f"outer must be 'adam' or 'sgd', got {self.outer!r}")
+        for name in ("ways", "shots", "queries", "eval_queries", "meta_batch", "meta_iters",
+                     "val_every", "val_tasks", "test_tasks", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("outer_lr", "inner_lr"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise ValueError(f"{name} must be > 0 and finite, got {value}")
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
+            raise ValueError(f"max_minutes must be > 0 (or null: no budget), got {self.max_minutes}")
+        if self.eval_inner_steps is not None and self.eval_inner_steps < 1:
+            raise ValueError(f"eval_inner_steps must be at least 1 (or null: inner_steps), "
+                             f"got {self.eval_inner_steps}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1 (or null: torch's default), "
+                             f"got {self.threads}")
+        if self.linear_solver not in ("cg", "minres"):
+            raise ValueError(f"linear_solver must be 'cg' or 'minres', got {self.linear_solver!r}")
+        if self.lr_schedule not in ("constant", "cosine", "cosine-time"):
+            raise ValueError(f"lr_schedule must be 'constant', 'cosine' or 'cosine-time', "
+                             f"got {self.lr_schedule!r}")
+        if self.lr_schedule == "cosine-time" and not self.max_minutes:
+            raise ValueError("lr_schedule 'cosine-time' is laid over max_minutes: set max_minutes")
+        if not 0 <= self.outer_lr_min <= self.outer_lr:
+            raise ValueError(f"outer_lr_min must lie in [0, outer_lr], got {self.outer_lr_min}")
+        build_method(self.method_config())  # the method's own checks (lam > 0, ...)
+
+
+def _field_types() -> Dict[str, Any]:
+    hints = {"int": int, "float": float, "str": str, "bool": bool}
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        t = str(f.type)
+        base = t.replace("Optional[", "").rstrip("]")
+        out[f.name] = (hints[base], t.startswith("Optional"))
+    return out
+
+
+def _coerce(name: str, value: Any, from_text: bool) -> Any:
+    types = _field_types()
+    if name not in types:
+        close = [k for k in types if k.split("_")[0] == name.split("_")[0]]
+        raise ValueError(f"unknown config field {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; fields: {', '.join(sorted(types))}")
+    typ, optional = types[name]
+    if value is None or (from_text and value in ("null", "none", "None")):
+        if optional:
+            return None
+        raise ValueError(f"config field {name!r} cannot be null")
+    if from_text:
+        try:
+            if typ is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return value.lower() in ("true", "1")
+            return typ(value)
+        except ValueError:
+            raise ValueError(f"config field {name!r} expects {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ValueError(f"config field {name!r} expects {typ.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
+    """A TrainConfig from a JSON file (any subset of fields) and ``key=value`` overrides."""
+    values: Dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {p} does not exist")
+        try:
+            raw = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {p} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"config file {p} must hold a JSON object")
+        for k, v in raw.items():
+            if k.startswith("_"):  # comments
+                continue
+            values[k] = _coerce(k, v, from_text=False)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like field=value")
+        k, v = item.split("=", 1)
+        values[k.strip()] = _coerce(k.strip(), v.strip(), from_text=True)
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def outer_lr_at(cfg: TrainConfig, iteration: int, elapsed: float = 0.0) -> float:
+    """The outer learning rate of iteration ``iteration`` (1-based): constant, or cosine from
+    ``outer_lr`` at the first iteration to ``outer_lr_min`` at ``meta_iters`` ('cosine': a
+    function of the iteration alone, so a resumed run follows the same schedule) or at
+    ``max_minutes`` of training time ('cosine-time': a function of the ``elapsed`` training
+    seconds before the iteration, which the checkpoint keeps; timings differ from run to run,
+    so such a run is not bit-reproducible)."""
+    if cfg.lr_schedule == "constant" or (cfg.lr_schedule == "cosine" and cfg.meta_iters == 1):
+        return cfg.outer_lr
+    if cfg.lr_schedule == "cosine-time":
+        frac = min(1.0, elapsed / (60 * cfg.max_minutes))
+    else:
+        frac = (iteration - 1) / (cfg.meta_iters - 1)
+    return cfg.outer_lr_min + 0.5 * (cfg.outer_lr - cfg.outer_lr_min) * (1 + math.cos(math.pi * frac))

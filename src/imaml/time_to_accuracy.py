@@ -1,0 +1,101 @@
+"""Meta-validation accuracy against training wall time, from run records.
+
+``imaml time-to-accuracy RUN [RUN ...] --out DIR`` reads each run folder's ``config.json`` and
+``metrics.csv`` (or ``metrics.csv.gz``), puts every validation row at the training time spent
+before it (the sum of the ``seconds`` of the train rows up to its iteration: validation and
+testing excluded), draws the curves of all runs in one plot and writes a table of the minutes
+each run needed to first reach each accuracy threshold (95, 97 and 98% by default).
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .records import plt, write_json_atomic, write_text_atomic
+
+THRESHOLDS = (0.95, 0.97, 0.98)
+
+
+def _rows(run: Path) -> List[Dict[str, str]]:
+    plain, packed = run / "metrics.csv", run / "metrics.csv.gz"
+    if plain.is_file():
+        text = plain.read_text()
+    elif packed.is_file():
+        text = gzip.decompress(packed.read_bytes()).decode()
+    else:
+        raise ValueError(f"{run} holds no metrics.csv or metrics.csv.gz")
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def curve(run) -> Dict:
+    """A run's label, setting and validation curve [(training minutes, iteration, accuracy)]."""
+    run = Path(run)
+    cfg_path = run / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{run} holds no config.json: not a run folder")
+    cfg = json.loads(cfg_path.read_text())
+    seconds, points = 0.0, []
+    for r in _rows(run):
+        if r["split"] == "train" and r.get("seconds"):
+            seconds += float(r["seconds"])
+        elif r["split"] == "val" and r.get("accuracy"):
+            points.append((seconds / 60, int(r["iteration"]), float(r["accuracy"])))
+    setting = f"{cfg['dataset']} {cfg['ways']}-way {cfg['shots']}-shot"
+    return {"run": str(run), "label": run.name, "method": cfg["method"], "setting": setting,
+            "points": points, "train_minutes": seconds / 60}
+
+
+def first_reach(points, threshold: float) -> Optional[float]:
+    """Training minutes at the first validation at or above ``threshold`` (None: never)."""
+    return next((m for m, _, acc in points if acc >= threshold), None)
+
+
+def table(curves: List[Dict], thresholds: Sequence[float] = THRESHOLDS) -> str:
+    head = ("| run | method | " + " | ".join(f"minutes to {100 * t:g}%" for t in thresholds)
+            + " | best meta-val | training minutes |")
+    lines = [head, "|---" * (4 + len(thresholds)) + "|"]
+    for c in curves:
+        cells = []
+        for t in thresholds:
+            m = first_reach(c["points"], t)
+            cells.append("not reached" if m is None else f"{m:.1f}")
+        best = max((acc for _, _, acc in c["points"]), default=float("nan"))
+        lines.append(f"| {c['label']} | {c['method']} | " + " | ".join(cells)
+                     + f" | {100 * best:.2f}% | {c['train_minutes']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: List[Dict], path) -> None:
+    pyplot = plt()
+    fig, ax = pyplot.subplots(figsize=(7.5, 4.5))
+    for c in curves:
+        ax.plot([m for m, _, _ in c["points"]], [100 * a for _, _, a in c["points"]], "o-", ms=2.5,
+                label=f"{c['label']} ({c['method']})")
+    ax.set_xlabel("training wall time (minutes; validation excluded)")
+    ax.set_ylabel("meta-validation accuracy (%)")
+    lo = min((100 * a for c in curves for _, _, a in c["points"]), default=50)
+    ax.set_ylim(max(lo, 80), 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(", ".join(sorted({c["setting"] for c in curves})))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot.close(fig)
+
+
+def run(runs: Sequence[str], out_dir: str) -> str:
+    """Write time_to_accuracy.json/.md/.png into out_dir; returns the table."""
+    curves = [curve(r) for r in runs]
+    if len({c["setting"] for c in curves}) > 1:
+        raise ValueError("the runs are of different settings: "
+                         + ", ".join(sorted({c["setting"] for c in curves})))
+    text = table(curves)
+    write_json_atomic({"curves": curves, "thresholds": list(THRESHOLDS)},
+                      f"{out_dir}/time_to_accuracy.json")
+    write_text_atomic(text, f"{out_dir}/time_to_accuracy.md")
+    plot(curves, f"{out_dir}/time_to_accuracy.png")
+    return text

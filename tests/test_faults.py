@@ -1,0 +1,117 @@
+"""Faults a run must survive or name: two trainings in one folder, a kill during a rewrite of
+the run's history, a full disk, a diverging outer step, an internal error."""
+import errno
+import os
+
+import pytest
+import torch
+
+from imaml.records import MetricsLog, RunLock, read_metrics, write_atomic, write_text_atomic
+
+
+def test_a_run_folder_takes_one_training_at_a_time(tmp_path):
+    first = RunLock(tmp_path)
+    with pytest.raises(ValueError, match=f"in use by another training \\(process {os.getpid()}\\)"):
+        RunLock(tmp_path)
+    first.release()
+    RunLock(tmp_path).release()  # free again once the first has ended
+
+
+def test_failed_atomic_write_leaves_the_old_file_and_no_litter(tmp_path):
+    target = tmp_path / "x.json"
+    target.write_text("old")
+
+    def broken(fh):
+        fh.write(b"half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        write_atomic(target, broken)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["x.json"]
+
+
+def test_full_disk_is_named_as_such(tmp_path):
+    def full(fh):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="no space left on the disk to write") as e:
+        write_atomic(tmp_path / "last.pt", full)
+    assert e.value.errno == errno.ENOSPC and os.listdir(tmp_path) == []
+
+
+def _metrics(tmp_path, iterations, cut_last=False):
+    log = MetricsLog(tmp_path, None)
+    for i in iterations:
+        log.log(iteration=i, split="train", loss="0.5", accuracy="0.5", seconds="0.1")
+    if cut_last:  # a kill in the middle of appending a row
+        with open(tmp_path / "metrics.csv", "a") as fh:
+            fh.write("11,train,0.5")
+
+
+def test_resume_cuts_the_history_back_whole_and_atomically(tmp_path, monkeypatch):
+    _metrics(tmp_path, range(1, 11), cut_last=True)
+    log = MetricsLog(tmp_path, keep_until=6)
+    assert [int(r["iteration"]) for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert log.missing == 0
+    # a kill during the rewrite leaves the previous history, whole
+    before = (tmp_path / "metrics.csv").read_text()
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "killed")))
+    with pytest.raises(OSError):
+        MetricsLog(tmp_path, keep_until=3)
+    assert (tmp_path / "metrics.csv").read_text() == before
+    assert sorted(os.listdir(tmp_path)) == ["metrics.csv"]
+
+
+def test_resume_reports_a_history_with_gaps(tmp_path):
+    _metrics(tmp_path, [1, 2, 4, 5])
+    assert MetricsLog(tmp_path, keep_until=5).missing == 1
+
+
+def test_a_diverged_outer_step_stops_before_any_checkpoint_is_overwritten(tmp_path, monkeypatch):
+    from test_train import SYNTH, synthetic_samplers
+    from imaml import conv4
+    from imaml import train as train_module
+    from imaml.checkpoint import load_checkpoint
+    from imaml.functional import NonFiniteError
+    from imaml.train import load_config, train
+    run = str(tmp_path / "run")
+    cfg = load_config(None, SYNTH + ["meta_iters=3", "checkpoint_every=1"])
+    net = lambda: conv4(1, 3, hidden=8, image_size=8)  # noqa: E731
+    train(cfg, run, progress=False, network=net(), samplers=synthetic_samplers())
+    good = load_checkpoint(tmp_path / "run" / "last.pt")
+    real = train_module.apply_meta_gradient
+
+    def diverge(model, opt, g):  # the outer step of iteration 4 blows up
+        real(model, opt, g)
+        with torch.no_grad():
+            next(model.module.parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(train_module, "apply_meta_gradient", diverge)
+    cfg = load_config(None, SYNTH + ["meta_iters=5", "checkpoint_every=1"])
+    with pytest.raises(NonFiniteError, match="non-finite.*lower outer_lr.*last.pt still holds "
+                                             "iteration 3"):
+        train(cfg, run, resume=True, progress=False, network=net(), samplers=synthetic_samplers())
+    kept = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert kept["iteration"] == 3
+    assert all(torch.equal(kept["state_dict"][k], good["state_dict"][k]) for k in good["state_dict"])
+    assert max(int(r["iteration"]) for r in read_metrics(run)) == 3
+
+
+def test_an_internal_error_prints_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
+    from imaml import cli
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "_synthetic", bug)
+    assert cli.main(["synthetic", "--out", "unused"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError" in err and "please report it as a bug" in err
+
+
+def test_a_cli_input_error_prints_no_traceback(tmp_path, capsys):
+    from imaml import cli
+    text = write_text_atomic("{}", tmp_path / "c.json")
+    assert cli.main(["train", str(text), "outer_lr=inf", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "outer_lr must be > 0 and finite" in err and "Traceback" not in err

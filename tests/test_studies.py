@@ -1,0 +1,57 @@
+"""The study commands: solver accuracy against a reference solve, and time to accuracy."""
+import json
+
+import pytest
+import torch
+
+from imaml import IMAML, FunctionalModel, GradientDescent, Task, conv4
+
+
+def test_solver_accuracy_rows_and_table():
+    from imaml.solver_study import _task_rows, table
+    torch.manual_seed(0)
+    fm = FunctionalModel(conv4(1, 3, hidden=4, image_size=8).double())
+    g = torch.Generator().manual_seed(0)
+    task = Task(torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(3),
+                torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(3).repeat(2))
+    method = IMAML(lam=2.0, inner=GradientDescent(lr=0.05, steps=8, adaptive=True, tol=0.05))
+    rows = _task_rows(fm, method, fm.theta(), task, 2.0, (5, 40), ref_tol=1e-6)
+    assert len(rows) == 2 * 5 * 2
+    err = {(r["phi"], r["solver"], r["iterations"]): r["rel_error"] for r in rows}
+    # MINRES on the exact system at the reference φ converges to the reference itself, and
+    # more iterations never make it worse (it minimises the residual)
+    assert err[("reference", "MINRES", 40)] < 1e-6
+    assert err[("reference", "MINRES", 40)] <= err[("reference", "MINRES", 5)]
+    # the official damped operator solves another system: its error does not vanish
+    assert err[("reference", "official 2I + H/(λ+10)", 40)] > 0.1
+    for r in rows:
+        r.update(checkpoint="tiny", iteration=0, task=0)
+    text = table(rows)
+    assert "| MINRES |" in text and "tiny, 40 it." in text and "reference ‖∇G‖" in text
+
+
+def test_time_to_accuracy_reads_run_records(tmp_path):
+    import gzip
+    from imaml.time_to_accuracy import first_reach, run
+    for name, accs, packed in (("a", [0.9, 0.96, 0.975, 0.985], False), ("b", [0.8, 0.9, 0.95, 0.96], True)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"dataset": "omniglot", "ways": 5, "shots": 1,
+                                                   "method": f"m{name}"}))
+        lines = ["iteration,split,loss,accuracy,ci95,grad_norm,seconds"]
+        for i, acc in enumerate(accs):
+            lines += [f"{i * 2 + 1},train,1,0.5,,1,30", f"{i * 2 + 2},train,1,0.5,,1,30",
+                      f"{i * 2 + 2},val,,{acc},0.01,,"]
+        text = "\n".join(lines) + "\n"
+        if packed:
+            (d / "metrics.csv.gz").write_bytes(gzip.compress(text.encode()))
+        else:
+            (d / "metrics.csv").write_text(text)
+    table = run([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"))
+    # each validation sits at the training minutes before it: 2 iterations of 30 s each
+    assert "| a | ma | 2.0 | 3.0 | 4.0 | 98.50% | 4.0 |" in table
+    assert "| b | mb | 3.0 | not reached | not reached | 96.00% | 4.0 |" in table
+    assert (tmp_path / "out" / "time_to_accuracy.png").exists()
+    assert first_reach([(1.0, 1, 0.5)], 0.9) is None
+    with pytest.raises(ValueError, match="no config.json"):
+        run([str(tmp_path)], str(tmp_path / "out"))
