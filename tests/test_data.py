@@ -299,3 +299,37 @@ def test_cli_reports_errors_without_traceback(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "error: checkpoint" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cache_rebuilds_when_damaged_or_stale(tmp_path, cache):
+    make_omniglot_zips(tmp_path)
+    first, _ = load_omniglot(str(tmp_path))
+    (cached,) = list(cache.glob("omniglot-*.pt"))
+    # bytes flipped inside the cached pixels: detected by the checksum and rebuilt, not served
+    raw = bytearray(cached.read_bytes())
+    i = raw.find(first.images.contiguous().numpy().tobytes()[:64])
+    assert i > 0
+    raw[i + 10] ^= 0xFF
+    cached.write_bytes(bytes(raw))
+    again, _ = load_omniglot(str(tmp_path))
+    assert torch.equal(again.images, first.images)
+    # an image replaced inside an extracted folder changes the key: no old pixels served
+    ext = tmp_path / "extracted"
+    for s in omni.SETS:
+        zipfile.ZipFile(tmp_path / f"{s}.zip").extractall(ext)
+    before, _ = load_omniglot(str(ext))
+    png = sorted((ext / omni.SETS[0]).rglob("*.png"))[0]
+    other = sorted((ext / omni.SETS[0]).rglob("*.png"))[-1]
+    png.write_bytes(other.read_bytes())
+    after, _ = load_omniglot(str(ext))
+    assert not torch.equal(after.images, before.images)
+
+
+def test_cache_list_and_prune(tmp_path, cache):
+    from imaml import cli
+    make_omniglot_zips(tmp_path)
+    load_omniglot(str(tmp_path))
+    assert len(list(cache.glob("*.pt"))) == 1
+    assert cli.main(["cache", "list"]) == 0
+    assert cli.main(["cache", "prune"]) == 0
+    assert list(cache.glob("*.pt")) == []

@@ -14,7 +14,6 @@ from imaml.train import read_metrics
 from conftest import needs_omniglot
 
 
-
 def setup():
     torch.manual_seed(0)
     fm = FunctionalModel(conv4(1, 3, hidden=8, image_size=8).double())
@@ -97,3 +96,22 @@ def test_auto_batching_times_both_paths():
     fm, sampler = setup()
     mode, timings = _choose_batching(METHODS["imaml"], fm, to_double(sampler), range(4), 0, 1)
     assert set(timings) == {"vmap", "loop"} and mode == min(timings, key=timings.get)
+
+
+def test_a_rank_without_tasks_contributes_zeros():
+    from imaml.distributed import STATS, local_sums, shard
+    fm, sampler = setup()
+    assert shard(range(3), rank=5, world=8) == []
+    g, sums = local_sums(METHODS["imaml"], fm, fm.theta(), None, batched=True)
+    assert g.shape == fm.theta().shape and not g.any()
+    assert sums.shape == (len(STATS),) and not sums.any()
+    # and a rank's sums are additive: two halves of a batch sum to the whole
+    b = to_double(sampler).batch(range(4))
+    from imaml.tasks import TaskBatch
+    fields = ("x_support", "y_support", "x_query", "y_query")
+    half = lambda i: TaskBatch(*(getattr(b, f)[i] for f in fields))  # noqa: E731
+    whole = local_sums(METHODS["imaml"], fm, fm.theta(), b, batched=True)
+    parts = [local_sums(METHODS["imaml"], fm, fm.theta(), half(i), batched=True)
+             for i in (slice(0, 2), slice(2, 4))]
+    assert torch.allclose(parts[0][0] + parts[1][0], whole[0], rtol=1e-6, atol=1e-7)
+    assert torch.allclose(parts[0][1] + parts[1][1], whole[1], rtol=1e-6)

@@ -1,5 +1,6 @@
 """The evaluation's record of the inner solve, against a second implementation of the proximal
 problem (an nn.Module and torch.autograd, no imaml code)."""
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils import vector_to_parameters
@@ -84,3 +85,22 @@ def test_inner_stats_only_for_a_proximal_problem_or_on_request():
     imaml = IMAML(lam=LAM, inner=GradientDescent(lr=0.1, steps=2))
     res = evaluate(imaml, fm, theta, ListSampler(tasks), num_tasks=2, progress=False, inner_stats=False)
     assert res.inner_end is None
+
+
+def test_regression_reports_the_query_loss_and_one_task_no_interval():
+    from imaml.data import SinusoidTasks
+    torch.manual_seed(0)
+    fm = FunctionalModel(nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)),
+                         loss_fn=nn.functional.mse_loss)
+    method = IMAML(lam=LAM, inner=GradientDescent(lr=0.05, steps=4))
+    tasks = SinusoidTasks(shots=5, queries=7, seed=3)
+    res = evaluate(method, fm, fm.theta(), tasks, num_tasks=4, progress=False)
+    assert res.metric == "loss" and res.accuracies == [] and res.num_tasks == 4
+    # each task's loss, recomputed by hand: adapt, then the MSE on the query set
+    for i, loss in enumerate(res.losses):
+        t = tasks.sample(i)
+        phi = method.adapt(fm, fm.theta(), t.x_support, t.y_support).phi
+        assert loss == pytest.approx(float(((fm.forward(phi, t.x_query) - t.y_query) ** 2).mean()))
+    assert res.mean == pytest.approx(sum(res.losses) / 4) and "query loss" in str(res)
+    one = evaluate(method, fm, fm.theta(), tasks, num_tasks=1, progress=False)
+    assert "one task: no confidence interval" in str(one)

@@ -128,3 +128,10 @@ def test_ggn_with_torch_mse_loss():
     J = jacrev(lambda p: fm.forward(p, x))(theta).reshape(6, -1)
     v = torch.randn_like(theta)
     assert torch.allclose(make_ggn(fm, x, y, theta)(v), (2 / 6) * J.T @ (J @ v), rtol=1e-9)
+
+
+def test_batch_norm_with_running_statistics_is_refused_with_the_fix():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with pytest.raises(ValueError, match="'1' tracks running statistics.*track_running_stats=False"):
+        FunctionalModel(net)
+    FunctionalModel(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)))

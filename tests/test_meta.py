@@ -250,3 +250,15 @@ def test_bad_arguments_raise_clear_errors():
     for method in (IMAML(), MAML(), FOMAML(), Reptile()):
         with pytest.raises(NonFiniteError, match="query loss"):
             method.meta_gradient(fm, theta, bad)
+
+
+def test_adapted_module_leaves_the_meta_model_untouched():
+    fm, theta, task = classification_setup()
+    before = {k: v.clone() for k, v in fm.module.state_dict().items()}
+    method = IMAML(lam=LAM, inner=GradientDescent(lr=0.1, steps=10, adaptive=True))
+    clone = method.adapted_module(fm.module, task.x_support, task.y_support)
+    after = fm.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical
+    phi = method.adapt(fm, theta, task.x_support, task.y_support).phi
+    assert torch.equal(clone(task.x_query), fm.forward(phi, task.x_query))
+    assert not torch.equal(clone(task.x_query), fm.module(task.x_query))

@@ -13,3 +13,13 @@ def test_readme_quick_start_runs():
     exec(compile(blocks[0], "README.md", "exec"), ns)
     assert ns["pred"].shape == (12,)
     assert ns["res"].grad.shape == ns["model"].theta().shape
+
+
+def test_readme_implicit_layer_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    ns = {}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    exec(compile(blocks[1], "README.md", "exec"), ns)
+    assert ns["theta"].grad.shape == ns["theta"].shape and bool(ns["theta"].grad.norm() > 0)
+    assert ns["log_lam"].grad.shape == (len(ns["model"].names),)
+    assert ns["record"]["linear"].iterations == 5

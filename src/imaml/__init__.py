@@ -1,6 +1,7 @@
 """imaml: implicit model-agnostic meta-learning (Rajeswaran, Finn, Kakade, Levine, NeurIPS 2019)."""
 from .functional import (FunctionalModel, NonFiniteError, ProximalProblem, make_hvp,
                          hvp_fwd_rev, hvp_rev_rev, task_loss)
+from .implicit import implicit_solution
 from .inner import GradientDescent, InnerResult, Nesterov, NewtonCG
 from .linear import CGResult, conjugate_gradient, dense_solve, minres, neumann_series
 from .meta import FOMAML, IMAML, MAML, MetaGradient, Reptile, TruncatedMAML
@@ -16,5 +17,5 @@ __all__ = [
     "hvp_rev_rev", "task_loss", "GradientDescent", "Nesterov", "NewtonCG", "InnerResult",
     "CGResult", "conjugate_gradient", "minres", "dense_solve", "neumann_series", "IMAML", "MAML",
     "TruncatedMAML", "FOMAML", "Reptile", "Task", "TaskBatch", "MetaGradient", "conv4", "omniglot_conv4",
-    "miniimagenet_conv4", "batch_meta_gradient", "meta_step", "MetaModel",
+    "miniimagenet_conv4", "batch_meta_gradient", "meta_step", "MetaModel", "implicit_solution",
 ]

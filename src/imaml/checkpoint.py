@@ -76,17 +76,23 @@ class MetaModel:
         self.model = FunctionalModel(network)
 
     @classmethod
-    def load(cls, path) -> "MetaModel":
+    def load(cls, path, device="cpu") -> "MetaModel":
+        """A checkpoint written on any device, on ``device`` (a name or torch.device)."""
         obj = load_checkpoint(path)
         net, method = model_from_checkpoint(obj)
-        return cls(net, method, {k: v for k, v in obj.items() if k != "state_dict"})
+        return cls(net.to(device), method, {k: v for k, v in obj.items() if k != "state_dict"})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
 
     def adapt(self, x_support: torch.Tensor, y_support: torch.Tensor) -> torch.Tensor:
         """Task-specific parameters φ (flat) adapted from the meta-parameters θ."""
-        return self.method.adapt(self.model, self.model.theta(), x_support, y_support).phi
+        x, y = x_support.to(self.device), y_support.to(self.device)
+        return self.method.adapt(self.model, self.model.theta(), x, y).phi
 
     def predict(self, x_support, y_support, x_query) -> torch.Tensor:
         """Labels for ``x_query`` after adapting to the support set."""
         phi = self.adapt(x_support, y_support)
         with torch.no_grad():
-            return self.model.forward(phi, x_query).argmax(-1)
+            return self.model.forward(phi, x_query.to(self.device)).argmax(-1)

@@ -13,13 +13,17 @@ def _synthetic(args) -> int:
 
 
 def _eval(args) -> int:
-    import json
+    from pathlib import Path
 
     from .checkpoint import MetaModel
+    from .records import write_json_atomic
     from .data import TaskSampler, load_split
     from .evaluate import MIN_TEST_TASKS, evaluate
 
-    mm = MetaModel.load(args.checkpoint)
+    from .distributed import resolve_device
+    if args.out and Path(args.out).is_dir():  # found before the evaluation, not after it
+        raise ValueError(f"--out {args.out} is a folder; name the JSON file to write")
+    mm = MetaModel.load(args.checkpoint, resolve_device(args.device))
     info = mm.info
     method_cfg = info["method"]
     changes = {}
@@ -59,13 +63,13 @@ def _eval(args) -> int:
         if res.inner_warning:
             print(res.inner_warning, file=sys.stderr)
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"checkpoint": str(args.checkpoint), "dataset": info["dataset"], "ways": ways,
-                       "shots": shots, "queries": queries, "split": args.split, "seed": args.seed,
-                       "method": method_cfg, "mean": res.mean, "ci95": res.ci95,
-                       "num_tasks": res.num_tasks, "inner_grad_norm": res.inner_grad_norm,
-                       "inner_grew": res.inner_grew, "inner_converged": res.inner_converged},
-                      fh, indent=1)
+        write_json_atomic({"checkpoint": str(args.checkpoint), "dataset": info["dataset"],
+                           "ways": ways, "shots": shots, "queries": queries, "split": args.split,
+                           "seed": args.seed, "method": method_cfg, "metric": res.metric,
+                           "mean": res.mean, "ci95": res.ci95, "query_loss": res.loss,
+                           "num_tasks": res.num_tasks, "inner_grad_norm": res.inner_grad_norm,
+                           "inner_grew": res.inner_grew, "inner_converged": res.inner_converged},
+                          args.out)
     return 0
 
 
@@ -93,10 +97,28 @@ def _train(args) -> int:
 
 def _bench(args) -> int:
     from .bench import run
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    run(args.out, args.workloads.split(","), args.methods.split(","), ints(args.steps),
+    run(args.out, args.workloads.split(","), args.methods.split(","), args.steps,
         args.batch, args.reps, args.modes.split(","), threads=args.threads, mem_reps=args.mem_reps)
     return 0
+
+
+def _positive_ints(text: str):
+    """A comma-separated list of whole numbers >= 1 (argparse type)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects whole numbers separated by commas, got "
+                                         f"{text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every value must be >= 1, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    """A whole number >= 1 (argparse type)."""
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"expects one whole number, got {text!r}")
+    return _positive_ints(text)[0]
 
 
 def _solver_accuracy(args) -> int:
@@ -121,6 +143,23 @@ def _time_to_accuracy(args) -> int:
     return 0
 
 
+def _cache(args) -> int:
+    from .data.common import cache_dir, cache_files
+    files = cache_files()
+    if args.action == "list":
+        print(f"{cache_dir()}: {len(files)} decoded dataset(s), "
+              f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MiB")
+        for f in files:
+            print(f"  {f.name}  {f.stat().st_size / 2**20:.1f} MiB")
+        return 0
+    keep = files[:args.keep]
+    for f in files[args.keep:]:
+        f.unlink()
+    print(f"removed {len(files) - len(keep)} of {len(files)} decoded dataset(s) from "
+          f"{cache_dir()} (kept the {len(keep)} newest); they are rebuilt when next needed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="imaml", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -129,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory (results.json and PNG plots)")
     s.add_argument("--skip-compute", action="store_true",
                    help="only part (a), the accuracy study (seconds instead of minutes)")
-    s.add_argument("--reps", type=int, default=3, help="timed repetitions per figure (median)")
+    s.add_argument("--reps", type=_positive_int, default=3, help="timed repetitions per figure (median)")
     s.set_defaults(fn=_synthetic)
 
     t = sub.add_parser("train", help="meta-train (Algorithm 1) from a config file")
@@ -151,16 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "run again into the same folder, only missing figures are measured")
     b.add_argument("--workloads", default="omniglot-5w1s,omniglot-20w5s,miniimagenet-5w1s")
     b.add_argument("--methods", default="imaml-gd,imaml-hf,maml")
-    b.add_argument("--steps", default="5,10,25,50,100", help="inner steps K, comma-separated")
+    b.add_argument("--steps", default=[5, 10, 25, 50, 100], type=_positive_ints,
+                   help="inner steps K, comma-separated (default 5,10,25,50,100)")
     b.add_argument("--modes", default="task,loop,vmap",
                    help="task: one task; loop / vmap: a meta-batch task by task / vmapped")
-    b.add_argument("--batch", type=int, help="tasks in a meta-batch (default: 16 for "
+    b.add_argument("--batch", type=_positive_int, help="tasks in a meta-batch (default: 16 for "
                    "omniglot-5w1s, 4 for the larger workloads)")
-    b.add_argument("--reps", type=int, default=3, help="timed repetitions of one task (median); "
+    b.add_argument("--reps", type=_positive_int, default=3, help="timed repetitions of one task (median); "
                    "a meta-batch is timed once")
-    b.add_argument("--mem-reps", type=int, default=3, help="fresh processes per memory figure of "
+    b.add_argument("--mem-reps", type=_positive_int, default=3, help="fresh processes per memory figure of "
                    "one task (median); a meta-batch's memory is taken once")
-    b.add_argument("--threads", type=int, help="torch threads in each measuring process")
+    b.add_argument("--threads", type=_positive_int, help="torch threads in each measuring process")
     b.set_defaults(fn=_bench)
 
     e = sub.add_parser("eval", help="adapt a meta-trained checkpoint on test tasks and report "
@@ -170,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--download", action="store_true",
                    help="fetch Omniglot into --data-dir if it is not there")
     e.add_argument("--split", default="meta_test", choices=["meta_train", "meta_val", "meta_test"])
-    e.add_argument("--tasks", type=int, default=600, help="number of tasks (at least 600 for test)")
+    e.add_argument("--tasks", type=_positive_int, default=600,
+                   help="number of tasks (at least 600 for test)")
+    e.add_argument("--device", default="auto", help="auto (the GPU when CUDA is available), "
+                   "cpu, cuda or cuda:N (default auto)")
     e.add_argument("--seed", type=int, default=0,
                    help="task seed: the same seed gives every method the same tasks")
     e.add_argument("--ways", type=int, help="default: the checkpoint's")
@@ -201,7 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("runs", nargs="+", help="run folders (config.json and metrics.csv[.gz])")
     w.add_argument("--out", default="results/time_to_accuracy", help="output folder")
     w.set_defaults(fn=_time_to_accuracy)
+
+    c = sub.add_parser("cache", help="list or prune the decoded datasets cached in $IMAML_CACHE "
+                       "(default ~/.cache/imaml); a pruned one is rebuilt when next needed")
+    c.add_argument("action", choices=["list", "prune"])
+    c.add_argument("--keep", type=_non_negative, default=0,
+                   help="prune: keep this many of the most recently written (default 0)")
+    c.set_defaults(fn=_cache)
     return p
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def main(argv=None) -> int:

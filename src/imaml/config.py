@@ -59,6 +59,8 @@ class TrainConfig:
     checkpoint_every: int = 25
     seed: int = 0
     threads: Optional[int] = None
+    device: str = "auto"     # 'auto' (the GPU when CUDA is available), 'cpu', 'cuda', 'cuda:N'
+
 
     def method_config(self, eval: bool = False) -> Dict[str, Any]:
         steps = self.eval_inner_steps if eval and self.eval_inner_steps else self.inner_steps
@@ -96,6 +98,9 @@ class TrainConfig:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1 (or null: torch's default), "
                              f"got {self.threads}")
+        if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
+                                                           and self.device[5:].isdigit())):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.linear_solver not in ("cg", "minres"):
             raise ValueError(f"linear_solver must be 'cg' or 'minres', got {self.linear_solver!r}")
         if self.lr_schedule not in ("constant", "cosine", "cosine-time"):

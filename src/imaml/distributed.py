@@ -3,7 +3,8 @@
 The outer average over tasks is data-parallel by nature: each rank computes the task
 meta-gradients of its share of the meta-batch (tasks ``rank, rank + world, ...`` of the
 iteration, drawn from the same seeded sampler on every rank, so no data moves), and one
-``all_reduce`` sums gradients, losses, accuracies and task counts. Every rank then takes the same
+``all_reduce`` sums gradients, losses, accuracies, task counts and the diagnostics of the inner
+and linear solves. Every rank then takes the same
 optimizer step from the same state, so the replicas stay identical; rank 0 alone logs, validates
 and writes checkpoints. Launch with ``torchrun`` (gloo on CPU, NCCL on GPU):
 
@@ -19,14 +20,35 @@ import torch.distributed as dist
 
 from .batched import batch_meta_gradient, supports_batching
 from .functional import FunctionalModel
+from .outer import task_meta_gradients
 
 
-def init_from_env() -> Tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun (WORLD_SIZE > 1)."""
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto': this process's GPU when CUDA is available (``LOCAL_RANK`` under torchrun), else
+    the CPU; 'cpu', 'cuda' (this process's GPU) or 'cuda:N' as given."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: this torch has no CUDA device "
+                             "(torch.cuda.is_available() is False); use device=cpu or auto")
+        if name == "cuda":
+            name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        if int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif name != "cpu":
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return torch.device(name)
+
+
+def init_from_env(device: torch.device = torch.device("cpu")) -> Tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun (WORLD_SIZE > 1):
+    NCCL when this process computes on a GPU (its own, ``device``), gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -65,18 +87,21 @@ def _batch_stats(r) -> list:
 
 
 def local_sums(method, model: FunctionalModel, theta: torch.Tensor, batch, batched: bool):
-    """[Σ task meta-gradients, then the STATS sums] as one flat tensor (float64 for the
-    STATS), for the tasks of ``batch`` (a TaskBatch, possibly empty)."""
+    """(Σ task meta-gradients, the STATS sums as a float64 vector) for the tasks of ``batch``
+    (a TaskBatch, possibly empty: a rank with no task of the meta-batch contributes zeros)."""
     p = theta.numel()
     if batch is None or len(batch) == 0:
-        return torch.zeros(p, dtype=theta.dtype), torch.zeros(len(STATS), dtype=torch.float64)
+        return (torch.zeros(p, dtype=theta.dtype, device=theta.device),
+                torch.zeros(len(STATS), dtype=torch.float64, device=theta.device))
+    batch = batch.to(theta.device)  # tasks are sampled on the CPU and moved once
     if batched and supports_batching(method):
         r = batch_meta_gradient(method, model, theta, batch)
         g, stats = r.grads.sum(0), _batch_stats(r)
     else:
-        results = [method.meta_gradient(model, theta, t) for t in batch.tasks()]
-        g, stats = torch.stack([x.grad for x in results]).sum(0), _loop_stats(results)
-    return g.detach(), torch.tensor([float(v) for v in stats], dtype=torch.float64)
+        g, results = task_meta_gradients(method, model, theta, batch.tasks())
+        stats = _loop_stats(results)
+    return g.detach(), torch.tensor([float(v) for v in stats], dtype=torch.float64,
+                                    device=g.device)
 
 
 def mean_meta_gradient(method, model: FunctionalModel, theta: torch.Tensor, sampler,
@@ -115,7 +140,9 @@ def from_rank0(value: float, world: int) -> float:
     """Rank 0's value of a float on every rank (for decisions all ranks must share)."""
     if world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    on_gpu = dist.get_backend() == "nccl"  # NCCL moves CUDA tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
     return float(t)
 

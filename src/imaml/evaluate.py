@@ -91,6 +91,9 @@ class EvalResult:
                 "lambda; try a smaller inner_lr or lambda, chosen on meta-validation)")
 
     def __str__(self) -> str:
+        if self.num_tasks == 1:  # no spread to estimate: say so instead of "± 0"
+            value = f"query loss {self.mean:.4g}" if self.metric == "loss" else f"{100 * self.mean:.2f}%"
+            return f"{value} (one task: no confidence interval)"
         if self.metric == "loss":
             return (f"query loss {self.mean:.4g} ± {self.ci95:.2g} "
                     f"(95% CI over {self.num_tasks} tasks)")
@@ -146,6 +149,7 @@ def evaluate(method, model: FunctionalModel, theta: torch.Tensor, sampler, num_t
     for start in range(0, num_tasks, batch_size):
         batch = sampler.batch(range(start, min(start + batch_size, num_tasks)))
         for task in batch.tasks():
+            task = task.to(theta.device)  # sampled on the CPU, moved once
             inner = method.adapt(model, theta, task.x_support, task.y_support)
             phi = inner.phi
             if inner_stats:  # the solvers' first gradient is taken at θ

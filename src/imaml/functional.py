@@ -43,6 +43,14 @@ class FunctionalModel:
     """
 
     def __init__(self, module: nn.Module, loss_fn: LossFn = nn.functional.cross_entropy):
+        tracking = [n for n, m in module.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+        if tracking:
+            raise ValueError(
+                f"batch norm {tracking[0]!r} tracks running statistics: they are state that a "
+                "pure function of the parameters cannot update, and they would leak between "
+                "tasks and between support and query sets. Build it with "
+                "track_running_stats=False (transductive batch norm, as in MAML)")
         self.module = module
         self.loss_fn = loss_fn
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
@@ -146,23 +154,35 @@ class ProximalProblem:
     Args:
         loss: L̂ as a function of the flat parameters φ.
         theta: the meta-parameters θ (flat). May require grad (MAML unrolls through it).
-        lam: λ > 0 (λ = 0 gives the plain loss L̂, for MAML/Reptile baselines).
+        lam: λ > 0 (λ = 0 gives the plain loss L̂, for MAML/Reptile baselines): a number, or a
+            tensor of one λ per parameter (the shape of θ), for G(φ) = L̂(φ) + ½ Σᵢ λᵢ(φᵢ − θᵢ)².
         curvature: optional ``phi -> (v -> C v)`` replacing the Hessian of L̂ in ``hvp`` (for
             example the Gauss-Newton matrix, ``make_ggn``); None means the exact Hessian.
 
-    G is λ-strongly convex whenever L̂ is convex, so ‖φ − φ*‖ ≤ ‖∇G(φ)‖/λ; the inner solvers
-    use that bound to stop at accuracy δ.
+    G is λ-strongly convex whenever L̂ is convex (λ the smallest λᵢ: ``lam_min``), so
+    ‖φ − φ*‖ ≤ ‖∇G(φ)‖/λ; the inner solvers use that bound to stop at accuracy δ.
     """
 
-    def __init__(self, loss: Callable[[Tensor], Tensor], theta: Tensor, lam: float,
+    def __init__(self, loss: Callable[[Tensor], Tensor], theta: Tensor, lam,
                  curvature: Optional[Callable[[Tensor], Callable[[Tensor], Tensor]]] = None):
-        lam = float(lam)
-        if not math.isfinite(lam) or lam < 0:
+        if isinstance(lam, Tensor) and lam.dim() > 0:
+            if lam.shape != theta.shape:
+                raise ValueError(f"a per-parameter lam must have θ's shape {tuple(theta.shape)}, "
+                                 f"got {tuple(lam.shape)}")
+            lam = lam.detach()
+            self.lam_min = float(lam.min())
+            finite = bool(torch.isfinite(lam).all())
+        else:
+            lam = self.lam_min = float(lam)
+            finite = math.isfinite(lam)
+        if not finite or self.lam_min < 0:
             raise ValueError(f"lam must be finite and >= 0, got {lam}")
         self.loss, self.theta, self.lam, self.curvature = loss, theta, lam, curvature
 
     def value(self, phi: Tensor) -> Tensor:
         d = phi - self.theta
+        if isinstance(self.lam, Tensor):
+            return self.loss(phi) + 0.5 * torch.dot(self.lam * d, d)
         return self.loss(phi) + 0.5 * self.lam * torch.dot(d, d)
 
     def grad(self, phi: Tensor) -> Tensor:

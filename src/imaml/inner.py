@@ -100,7 +100,7 @@ class _Solver:
     adaptive: bool = False
 
     def _threshold(self, problem: ProximalProblem) -> float:
-        return problem.lam * self.tol
+        return problem.lam_min * self.tol
 
     def state(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None,
               early_stop: bool = False) -> InnerState:

@@ -80,6 +80,18 @@ class _Method:
         with torch.no_grad():
             return self.inner.solve(self.support_problem(model, theta, x, y), theta)
 
+    def adapted_module(self, module: torch.nn.Module, x: Tensor, y: Tensor,
+                       loss_fn=torch.nn.functional.cross_entropy) -> torch.nn.Module:
+        """A copy of the user's ``module`` adapted to the support set (x, y): its parameters
+        are φ from this method's inner solve started at the module's own. The module itself
+        is left as it was, bit for bit (the learn2learn ``clone(); adapt()`` idiom)."""
+        import copy
+        model = FunctionalModel(module, loss_fn)
+        phi = self.adapt(model, model.theta(), x, y).phi
+        clone = copy.deepcopy(module)
+        FunctionalModel(clone, loss_fn).load_(phi)
+        return clone
+
     def _query(self, model: FunctionalModel, phi: Tensor, task: Task):
         """(∇L_test(φ), L_test(φ), accuracy) at a detached φ, in one forward/backward."""
         def f(p):

@@ -22,13 +22,20 @@ class StepSummary:
     results: List[MetaGradient]
 
 
+def task_meta_gradients(method, model: FunctionalModel, theta: Tensor, tasks: Sequence[Task]):
+    """(sum of the task meta-gradients, per-task results) at θ, task by task: the looped path
+    of every aggregation (``batch_meta_gradient`` here, ``imaml.distributed`` across ranks;
+    ``imaml.batched`` is the vmapped one)."""
+    results = [method.meta_gradient(model, theta, t) for t in tasks]
+    return torch.stack([r.grad for r in results]).sum(0), results
+
+
 def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, tasks: Sequence[Task]):
     """(mean task meta-gradient, per-task results) for a batch of tasks at θ."""
     if len(tasks) == 0:
         raise ValueError("a meta-batch needs at least one task")
-    results = [method.meta_gradient(model, theta, t) for t in tasks]
-    g = torch.stack([r.grad for r in results]).mean(0)
-    return g, results
+    g, results = task_meta_gradients(method, model, theta, tasks)
+    return g / len(results), results
 
 
 def apply_meta_gradient(model: FunctionalModel, optimizer: torch.optim.Optimizer, g: Tensor) -> None:

@@ -57,7 +57,7 @@ def reference_inner(problem: ProximalProblem, theta: torch.Tensor, tol: float):
     """φ with ‖∇G(φ)‖ ≤ tol where the solvers can reach it: 1000 steps of adaptive Nesterov,
     then 20 Newton-CG steps of up to 50 CG iterations each. Returns (φ, ‖∇G(φ)‖): on the
     ReLU + batch-norm networks the norm often stalls well above 1e-6 (the table says where)."""
-    lam = problem.lam
+    lam = problem.lam_min
     with torch.no_grad():
         r = Nesterov(lr=0.1, momentum=0.9, steps=1000, tol=tol / lam, adaptive=True,
                      report=True).solve(problem, theta)

@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
 from typing import Dict, List
 
 import torch
 from torch import nn
 
-from .bench import sweep
+from .bench import machine, sweep
 from .functional import FunctionalModel
 from .inner import GradientDescent
 from .meta import FOMAML, IMAML, MAML
@@ -163,8 +162,7 @@ def run(out_dir: str, skip_compute: bool = False, reps: int = 3, progress=print)
     if not skip_compute:
         progress("(b) time and peak memory, Omniglot Conv-4 20-way 5-shot ...")
         results["compute_memory"] = compute_memory_study(reps=reps, progress=progress)
-    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads()}
+    results["machine"] = machine()
     results["seconds"] = time.time() - t0
     path = os.path.join(out_dir, "results.json")
     write_json_atomic(results, path)

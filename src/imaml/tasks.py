@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -18,6 +19,13 @@ class Task:
     y_support: Tensor
     x_query: Tensor
     y_query: Tensor
+
+    def to(self, device) -> "Task":
+        """The same task with its tensors on ``device`` (itself when they are there already)."""
+        if device is None or self.x_support.device == torch.device(device):
+            return self
+        return type(self)(*(t.to(device) for t in (self.x_support, self.y_support,
+                                                    self.x_query, self.y_query)))
 
     def __post_init__(self):
         for x, y, name in ((self.x_support, self.y_support, "support"),

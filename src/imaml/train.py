@@ -22,11 +22,11 @@ from .batched import supports_batching
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config, outer_lr_at  # noqa: F401 (re-exported)
 from .distributed import (barrier, broadcast_parameters, from_rank0, init_from_env,
-                          mean_meta_gradient)
+                          mean_meta_gradient, resolve_device)
 from .evaluate import evaluate
 from .functional import FunctionalModel, NonFiniteError
 from .outer import apply_meta_gradient
-from .records import (FIELDS, MetricsLog, RunLock, cell, plot_curves,  # noqa: F401
+from .records import (MetricsLog, RunLock, cell, plot_curves,  # noqa: F401 (re-exported)
                       read_metrics, write_json_atomic)
 from .registry import build_method, build_network
 
@@ -94,7 +94,8 @@ class _Run:
     def __init__(self, cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, log,
                  network: Optional[torch.nn.Module], samplers):
         self.cfg, self.out, self.log = cfg, Path(out_dir), log
-        self.rank, self.world = init_from_env()
+        self.device = resolve_device(cfg.device)
+        self.rank, self.world = init_from_env(self.device)
         self.lead = self.rank == 0
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
@@ -115,7 +116,8 @@ class _Run:
             raise ValueError(f"{self.out} already holds a run (last.pt); use --resume to "
                              "continue it or choose another --out")
         torch.manual_seed(cfg.seed)
-        self.net = network if network is not None else build_network(cfg.dataset, cfg.ways)
+        net = network if network is not None else build_network(cfg.dataset, cfg.ways)
+        self.net = net.to(self.device)
         self.model = FunctionalModel(self.net)
         self.opt = (torch.optim.Adam(self.net.parameters(), lr=cfg.outer_lr) if cfg.outer == "adam"
                     else torch.optim.SGD(self.net.parameters(), lr=cfg.outer_lr))
@@ -234,7 +236,7 @@ def _check_resume_config(saved: TrainConfig, cfg: TrainConfig) -> None:
     """A resumed run may change only what does not change its results."""
     diff = {k: (v, getattr(cfg, k)) for k, v in dataclasses.asdict(saved).items()
             if getattr(cfg, k) != v}
-    changeable = {"meta_iters", "max_minutes", "threads", "data_dir", "batching"}
+    changeable = {"meta_iters", "max_minutes", "threads", "data_dir", "batching", "device"}
     if cfg.lr_schedule == "cosine":  # the schedule is laid over meta_iters
         changeable.discard("meta_iters")
     if cfg.lr_schedule == "cosine-time":  # ... or over max_minutes
@@ -312,7 +314,7 @@ def test_best(cfg: TrainConfig, out_dir: str, progress: bool = True) -> Dict[str
     """Evaluate ``best.pt`` (chosen on meta-validation) on ``test_tasks`` meta-test tasks."""
     from .checkpoint import MetaModel
     out = Path(out_dir)
-    mm = MetaModel.load(out / "best.pt")
+    mm = MetaModel.load(out / "best.pt", resolve_device(cfg.device))
     sampler = task_sampler(cfg, "meta_test", cfg.eval_queries, 0, lambda m: None)
     t0 = time.perf_counter()
     res = evaluate(mm.method, mm.model, mm.model.theta(), sampler, cfg.test_tasks, progress=progress)

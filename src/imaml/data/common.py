@@ -94,30 +94,55 @@ def cache_dir() -> Path:
 
 
 def fingerprint(paths: Sequence[Path]) -> str:
-    """A key that changes when any source file or folder changes (name, size, mtime)."""
+    """A key that changes when any source changes: for a file its name, size and modification
+    time; for a folder the same of every file inside it (an image replaced in an extracted
+    folder changes the key, though the folder's own time does not change)."""
     h = hashlib.sha1()
     for p in sorted(paths):
-        st = p.stat()
-        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-        if p.is_dir():
-            h.update(str(sum(1 for _ in p.rglob("*"))).encode())
+        files = [p] if not p.is_dir() else sorted(f for f in p.rglob("*") if f.is_file())
+        h.update(str(p.resolve()).encode())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(p) if f != p else ''}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
+def _digest(obj: dict) -> str:
+    """A checksum of a cache's contents (every tensor's bytes and every other value)."""
+    h = hashlib.sha1()
+    for k in sorted(obj):
+        if k == "digest":
+            continue
+        v = obj[k]
+        h.update(k.encode())
+        h.update(v.contiguous().numpy().tobytes() if isinstance(v, torch.Tensor) else repr(v).encode())
+    return h.hexdigest()
+
+
 def load_cached(path: Path, key: str) -> Optional[dict]:
-    """The cached object at ``path`` if it exists, loads and carries ``key``; else None."""
+    """The cached object at ``path`` if it exists, loads, carries ``key`` and its contents
+    match the checksum written with it; else None (the caller rebuilds it: a damaged or stale
+    cache is never trusted)."""
     if not path.exists():
         return None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a damaged cache is rebuilt, never trusted
+    except Exception:
         return None
-    return obj if isinstance(obj, dict) and obj.get("key") == key else None
+    if not isinstance(obj, dict) or obj.get("key") != key or obj.get("digest") != _digest(obj):
+        return None
+    return obj
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves half a file."""
-    torch_save_atomic(obj, path)
+    """torch.save with a checksum of the contents, to a temporary file, then rename: a crash
+    never leaves half a file, and bytes changed later are detected by ``load_cached``."""
+    torch_save_atomic({**obj, "digest": _digest(obj)}, path)
+
+
+def cache_files() -> list:
+    """The decoded-dataset files in the cache folder, newest first."""
+    return sorted(cache_dir().glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
 
 
 def open_zip(path: Path) -> zipfile.ZipFile:
