@@ -20,6 +20,7 @@ from typing import List, Optional
 import torch
 
 from .functional import FunctionalModel
+from .meta import accuracy_of
 from .tasks import Task
 
 MIN_TEST_TASKS = 600
@@ -116,11 +117,6 @@ def confidence_interval(values: List[float], losses: Optional[List[float]] = Non
                       metric)
 
 
-def _classifies(out: torch.Tensor, y: torch.Tensor) -> bool:
-    """Class scores [n, classes] against integer labels: accuracy is defined."""
-    return out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
-
-
 def _grad_norm(method, model: FunctionalModel, theta: torch.Tensor, task: Task, phi) -> float:
     problem = method.support_problem(model, theta, task.x_support, task.y_support)
     with torch.no_grad():
@@ -161,8 +157,9 @@ def evaluate(method, model: FunctionalModel, theta: torch.Tensor, sampler, num_t
             with torch.no_grad():
                 out = model.forward(phi, task.x_query)
                 losses.append(float(model.loss_fn(out, task.y_query)))
-            if _classifies(out, task.y_query):
-                accs.append(float((out.argmax(-1) == task.y_query).float().mean()))
+            acc = accuracy_of(out, task.y_query)  # None unless class scores and integer labels
+            if acc is not None:
+                accs.append(acc)
             bar.update(1)
             if len(accs) > 1:
                 bar.set_postfix(acc=f"{100 * sum(accs) / len(accs):.2f}%")

@@ -93,6 +93,12 @@ def _norm(g: Tensor) -> Tensor:
     return torch.linalg.vector_norm(g.detach())
 
 
+def _grad_norm_at(problem: ProximalProblem, phi: Tensor) -> Tensor:
+    """‖∇G(φ)‖ at a returned φ, without a graph (the one extra gradient a report costs)."""
+    with torch.no_grad():
+        return _norm(problem.grad(phi.detach()))
+
+
 class _Solver:
     steps: int
     tol: float
@@ -113,8 +119,7 @@ class _Solver:
             return s
         if early_stop and bool(torch.isfinite(s.grad_norm)):
             return s
-        with torch.no_grad():
-            n = _norm(problem.grad(s.phi.detach()))
+        n = _grad_norm_at(problem, s.phi)
         missing = torch.isnan(s.grad_norm)
         thr = self._threshold(problem)
         converged = s.converged | (missing & (n <= thr)) if thr > 0 else s.converged
@@ -136,10 +141,6 @@ class _Solver:
             result.grad_norm = grad_norm
         result.stop_reason = "tolerance" if result.converged else "step_cap"
         return result
-
-
-def _masked_step(done: Tensor, old: Tensor, new: Tensor) -> Tensor:
-    return torch.where(done, old, new)
 
 
 def _sufficient_decrease(f: Tensor, f_trial: Tensor, lr: Tensor, grad_norm: Tensor,
@@ -196,7 +197,7 @@ class GradientDescent(_FirstOrder):
             hist.append(n)
             if thr > 0:  # a task that met the tolerance stays where it met it
                 done = done | (n <= thr)
-                phi = _masked_step(done, phi, phi - self.lr * g)
+                phi = torch.where(done, phi, phi - self.lr * g)
                 taken = taken + (~done).long()
                 last = n
                 if early_stop and bool(done):
@@ -386,8 +387,7 @@ class NewtonCG(_Solver):
             result.steps += 1
         result.phi = phi
         if not result.converged and (self.tol > 0 or self.report):
-            with torch.no_grad():
-                n = _norm(problem.grad(phi))
+            n = _grad_norm_at(problem, phi)
             check_finite(n, "inner gradient")
             result.grad_norm = float(n)
             result.grad_norms.append(result.grad_norm)

@@ -198,12 +198,10 @@ def minres_state(matvec: Matvec, b: Tensor, x0: Optional[Tensor] = None, max_ite
 def _result(state: SolveState, b: Tensor, rtol: float, atol: float, solver: str) -> CGResult:
     iters = int(state.iterations)
     hist = state.history.tolist()
-    # the history repeats its last value once frozen: keep the accepted updates
-    accepted = iters - (1 if solver == "cg" and (bool(state.negative_curvature)
-                                                 or bool(state.breakdown)) else 0)
-    if solver == "minres" and bool(state.breakdown):
-        accepted = iters - 1
-    hist = hist[:max(accepted, 0) + 1]
+    # the history repeats its last value once frozen; the matvec that found a breakdown (or,
+    # in CG, negative curvature) updated nothing: keep the accepted updates
+    rejected_last = bool(state.breakdown) or (solver == "cg" and bool(state.negative_curvature))
+    hist = hist[:max(iters - rejected_last, 0) + 1]
     return CGResult(x=state.x, residual_norms=hist, iterations=iters,
                     converged=bool(state.residual <= _threshold(b, rtol, atol)),
                     negative_curvature=bool(state.negative_curvature),

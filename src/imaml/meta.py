@@ -51,7 +51,9 @@ class MetaGradient:
     cg: Optional[CGResult] = None
 
 
-def _accuracy(logits: Tensor, y: Tensor) -> Optional[float]:
+def accuracy_of(logits: Tensor, y: Tensor) -> Optional[float]:
+    """Fraction of right predictions for class scores [n, classes] and integer labels; None
+    where accuracy is not defined (regression)."""
     if y.dtype in (torch.int64, torch.int32) and logits.dim() == 2:
         return float((logits.argmax(-1) == y).float().mean())
     return None
@@ -100,7 +102,7 @@ class _Method:
 
         g, (loss, logits) = grad_and_value(f, has_aux=True)(phi.detach())
         check_finite(loss, "query loss")
-        return g, float(loss), _accuracy(logits, task.y_query)
+        return g, float(loss), accuracy_of(logits, task.y_query)
 
 
 @dataclass
@@ -215,7 +217,7 @@ class MAML(_Baseline):
             check_finite(loss, "query loss")
             (g,) = torch.autograd.grad(loss, theta)
         inner.phi = inner.phi.detach()
-        return MetaGradient(g, float(loss.detach()), _accuracy(logits.detach(), task.y_query),
+        return MetaGradient(g, float(loss.detach()), accuracy_of(logits.detach(), task.y_query),
                             inner.phi, inner)
 
 
@@ -251,7 +253,7 @@ class TruncatedMAML(_Baseline):
         inner.steps += first.steps
         inner.grad_norms = first.grad_norms + inner.grad_norms
         inner.phi = inner.phi.detach()
-        return MetaGradient(g, float(loss.detach()), _accuracy(logits.detach(), task.y_query),
+        return MetaGradient(g, float(loss.detach()), accuracy_of(logits.detach(), task.y_query),
                             inner.phi, inner)
 
 
@@ -276,4 +278,4 @@ class Reptile(_Baseline):
             loss = model.loss_fn(logits, task.y_query)
         check_finite(loss, "query loss")
         return MetaGradient((theta.detach() - inner.phi).detach(), float(loss),
-                            _accuracy(logits, task.y_query), inner.phi.detach(), inner)
+                            accuracy_of(logits, task.y_query), inner.phi.detach(), inner)
