@@ -26,6 +26,8 @@ METHODS = [
     IMAML(inner=GradientDescent(lr=0.1, steps=5), curvature="ggn"),
     IMAML(inner=GradientDescent(lr=0.5, steps=6, adaptive=True, tol=0.05), linear_solver="minres"),
     IMAML(inner=Nesterov(lr=0.5, steps=6, adaptive=True, tol=0.05), cg_max_iter=8),
+    IMAML(inner=GradientDescent(lr=0.5, steps=8, adaptive=True, tol=0.05, step_rule="bb"),
+          linear_solver="minres"),
     MAML(inner=GradientDescent(lr=0.5, steps=3, adaptive=True)),
     MAML(inner=GradientDescent(lr=0.1, steps=3)),
     MAML(inner=GradientDescent(lr=0.1, steps=3), lam=1.0),

@@ -23,6 +23,8 @@ def quadratic_problem(seed=0):
     # adaptive steps from a first trial 100x too long for this G: rejected and halved
     lambda L: GradientDescent(lr=100 / L, steps=10_000, tol=1e-8, adaptive=True),
     lambda L: Nesterov(lr=100 / L, momentum=0.9, steps=10_000, tol=1e-8, adaptive=True),
+    lambda L: GradientDescent(lr=100 / L, steps=10_000, tol=1e-8, adaptive=True, step_rule="bb"),
+    lambda L: GradientDescent(lr=1e-3 / L, steps=10_000, tol=1e-8, adaptive=True, step_rule="bb"),
 ])
 def test_solver_reaches_tolerance(solver_fn):
     problem, phi_star, L = quadratic_problem()
@@ -59,6 +61,30 @@ def test_adaptive_nesterov_beats_adaptive_gd_on_an_ill_conditioned_problem():
     assert float((nag.phi - phi_star).norm()) <= 1e-9
     # each iteration costs a gradient, accepted or not: Nesterov needs far fewer
     assert nag.steps + nag.rejected < 0.6 * (gd.steps + gd.rejected)
+
+
+def test_barzilai_borwein_needs_far_fewer_gradients_than_the_growth_rule():
+    from conftest import spd_matrix
+    A = spd_matrix(40, cond=200.0) * 0.5
+    b = torch.randn(40, dtype=torch.float64)
+    problem = ProximalProblem(lambda p: 0.5 * p @ A @ p - b @ p, torch.zeros(40, dtype=torch.float64), LAM)
+    phi_star = torch.linalg.solve(A + LAM * torch.eye(40, dtype=torch.float64), b)
+    for lr in (1.0, 1e-4):  # a first trial 100x too long, and one 100x too short
+        kw = dict(lr=lr, steps=10_000, tol=1e-9, adaptive=True)
+        grow = GradientDescent(**kw).solve(problem, problem.theta)
+        bb = GradientDescent(step_rule="bb", **kw).solve(problem, problem.theta)
+        assert grow.converged and bb.converged
+        assert float((bb.phi - phi_star).norm()) <= 1e-9
+        assert bb.steps + bb.rejected < 0.5 * (grow.steps + grow.rejected)
+
+
+def test_barzilai_borwein_rejects_bad_settings():
+    with pytest.raises(ValueError, match="step_rule"):
+        GradientDescent(step_rule="bb")  # not adaptive
+    with pytest.raises(ValueError, match="step_rule"):
+        GradientDescent(step_rule="newton", adaptive=True)
+    with pytest.raises(ValueError, match="memory"):
+        GradientDescent(step_rule="bb", adaptive=True, memory=0)
 
 
 def test_nesterov_needs_fewer_steps_than_gd():

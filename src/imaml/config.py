@@ -32,6 +32,7 @@ class TrainConfig:
     inner_steps: int = 16
     inner_tol: float = 0.0      # δ: stop the inner solve at ‖∇G‖ ≤ lam·inner_tol
     inner_adaptive: bool = False  # accept/reject step sizing from inner_lr (imaml.inner)
+    inner_step_rule: str = "grow"  # adaptive GD: 'grow' (x1.1 per accepted step) or 'bb' (Barzilai–Borwein)
     momentum: float = 0.9
     hf_steps: int = 5
     cg_iters: int = 5
@@ -66,7 +67,8 @@ class TrainConfig:
         steps = self.eval_inner_steps if eval and self.eval_inner_steps else self.inner_steps
         return {"name": self.method, "lam": self.lam, "inner_lr": self.inner_lr,
                 "inner_steps": steps, "inner_tol": self.inner_tol,
-                "inner_adaptive": self.inner_adaptive, "momentum": self.momentum,
+                "inner_adaptive": self.inner_adaptive,
+                "inner_step_rule": self.inner_step_rule, "momentum": self.momentum,
                 "hf_steps": self.hf_steps, "cg_iters": self.cg_iters,
                 "cg_max_iter": self.cg_max_iter, "curvature": self.curvature,
                 "linear_solver": self.linear_solver,

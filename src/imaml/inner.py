@@ -21,6 +21,14 @@ constant ½, which holds for any t ≤ 1/L on an L-smooth G) is rejected and t h
 step lets the next trial grow by ``grow``. Every iteration costs one gradient (GD) or one
 gradient and one objective value (Nesterov), rejected or not, so the step cap is a cost cap;
 no iteration depends on data through Python control flow, so it batches under vmap.
+
+**Barzilai–Borwein steps** (gradient descent, ``step_rule='bb'``): after an accepted step s with
+gradient change y, the next trial step is s·s / s·y (the inverse of G's curvature along s; at
+most 10x longer or shorter than the last, 10x longer where s·y ≤ 0), and a trial is accepted
+when it decreases G below the largest of the last ``memory`` accepted values by the Armijo
+margin (the non-monotone test of Grippo et al. 1986, Raydan 1997). On a trained Omniglot
+Conv-4 the growth rule spent 6 of 16 steps halving 0.1 at θ (‖∇G‖ ≈ 35 there) and then grew
+the step by 1.1 per step; BB adapts in one step (RESULTS.md, iMAML-GD row).
 """
 from __future__ import annotations
 
@@ -176,10 +184,29 @@ class _FirstOrder(_Solver):
             raise ValueError(f"grow must be >= 1, got {self.grow}")
 
 
+STEP_RULES = ("grow", "bb")
+_BB_RANGE = 10.0  # a Barzilai–Borwein step is at most this factor longer or shorter than the last
+
+
 @dataclass
 class GradientDescent(_FirstOrder):
     """φ ← φ − lr ∇G(φ), from φ₀ = θ; with ``adaptive``, lr is adapted per task by accepting or
-    rejecting each trial step (module docstring)."""
+    rejecting each trial step (module docstring). ``step_rule`` (adaptive only): 'grow' (an
+    accepted step lets the next grow by ``grow``) or 'bb' (Barzilai–Borwein steps with a
+    non-monotone test over the last ``memory`` values of G; module docstring)."""
+
+    step_rule: str = "grow"
+    memory: int = 5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
+        if self.step_rule != "grow" and not self.adaptive:
+            raise ValueError(f"step_rule {self.step_rule!r} sizes adaptive steps: "
+                             "set adaptive=True")
+        if self.memory < 1:
+            raise ValueError(f"memory must be at least 1, got {self.memory}")
 
     def state(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None,
               early_stop: bool = False) -> InnerState:
@@ -222,20 +249,32 @@ class GradientDescent(_FirstOrder):
         taken = torch.zeros((), dtype=torch.int64, device=phi0.device)
         rejected = torch.zeros_like(taken)
         hist = [n]
+        bb = self.step_rule == "bb"
+        recent = f.detach().expand(self.memory).clone()  # G at the last accepted points
         for _ in range(steps):
             if early_stop and thr > 0 and bool(done):
                 break
             trial = phi - lr * g
             ft, gt = problem.value_and_grad(trial)
             nt = _norm(gt)
-            accept, grow = _sufficient_decrease(f, ft, lr, n, nt < n)
+            f_ref = recent.max() if bb else f
+            accept, grow = _sufficient_decrease(f_ref, ft, lr, n, nt < n)
             accept = accept & ~done
             reject = ~done & ~accept
+            if bb:
+                s, y = -lr * g, gt - g
+                sy = torch.dot(s.detach(), y.detach())
+                step = torch.where(sy > 0, lr * lr * n * n / sy, lr * _BB_RANGE)
+                next_lr = step.clamp(lr / _BB_RANGE, lr * _BB_RANGE)
+                recent = torch.where(accept, torch.cat([recent[1:], ft.detach().reshape(1)]),
+                                     recent)
+            else:
+                next_lr = torch.where(grow, lr * self.grow, lr)
             phi = torch.where(accept, trial, phi)
             f = torch.where(accept, ft, f)
             g = torch.where(accept, gt, g)
             n = torch.where(accept, nt, n)
-            lr = torch.where(accept & grow, lr * self.grow, torch.where(reject, 0.5 * lr, lr))
+            lr = torch.where(accept, next_lr, torch.where(reject, 0.5 * lr, lr))
             taken = taken + accept.long()
             rejected = rejected + reject.long()
             hist.append(n)

@@ -15,7 +15,8 @@ METHOD_NAMES = ("imaml-gd", "imaml-nesterov", "imaml-hf", "maml", "maml-nesterov
 
 def build_method(cfg: Dict[str, Any]):
     """A meta-gradient method from a plain dict: ``name`` plus lam (iMAML's λ), inner_lr,
-    inner_steps, inner_tol, inner_adaptive (accept/reject step sizing), momentum, hf_steps,
+    inner_steps, inner_tol, inner_adaptive (accept/reject step sizing), inner_step_rule ('grow' or
+    'bb': how gradient descent sizes adaptive steps), momentum, hf_steps,
     cg_iters, cg_max_iter, curvature ('hessian' or 'ggn', iMAML's linear system),
     linear_solver ('cg' or 'minres'), truncate, prox_lam (the baselines' proximal λ, 0 by
     default)."""
@@ -23,7 +24,8 @@ def build_method(cfg: Dict[str, Any]):
     lam, lr, steps = cfg.get("lam", 2.0), cfg.get("inner_lr", 0.1), cfg.get("inner_steps", 16)
     tol, cg = cfg.get("inner_tol", 0.0), cfg.get("cg_max_iter", 5)
     adaptive = cfg.get("inner_adaptive", False)
-    gd = GradientDescent(lr=lr, steps=steps, tol=tol, adaptive=adaptive)
+    gd = GradientDescent(lr=lr, steps=steps, tol=tol, adaptive=adaptive,
+                         step_rule=cfg.get("inner_step_rule", "grow"))
     nag = Nesterov(lr=lr, steps=steps, tol=tol, momentum=cfg.get("momentum", 0.9),
                    adaptive=adaptive)
     system = dict(cg_max_iter=cg, curvature=cfg.get("curvature", "hessian"),
