@@ -89,12 +89,69 @@ def test_a_diverged_outer_step_stops_before_any_checkpoint_is_overwritten(tmp_pa
     monkeypatch.setattr(train_module, "apply_meta_gradient", diverge)
     cfg = load_config(None, SYNTH + ["meta_iters=5", "checkpoint_every=1"])
     with pytest.raises(NonFiniteError, match="non-finite.*lower outer_lr.*last.pt still holds "
-                                             "iteration 3"):
+                                             "iteration 3, which --resume continues"):
         train(cfg, run, resume=True, progress=False, network=net(), samplers=synthetic_samplers())
     kept = load_checkpoint(tmp_path / "run" / "last.pt")
     assert kept["iteration"] == 3
     assert all(torch.equal(kept["state_dict"][k], good["state_dict"][k]) for k in good["state_dict"])
     assert max(int(r["iteration"]) for r in read_metrics(run)) == 3
+
+
+def test_an_exploding_but_finite_run_stops_and_resumes_with_a_lower_rate(tmp_path):
+    """SGD with outer_lr 1e4: finite but exploding weights (the issue's outer_lr=30..1e8
+    cases) stop the run before a checkpoint of them is written; resuming with a lower rate is
+    refused as a config change unless asked for with allow_change, and then continues."""
+    from test_train import SYNTH, synthetic_samplers
+    from imaml import conv4
+    from imaml.checkpoint import load_checkpoint
+    from imaml.functional import NonFiniteError
+    from imaml.train import load_config, train
+    run = str(tmp_path / "run")
+    net = lambda: conv4(1, 3, hidden=8, image_size=8)  # noqa: E731
+    base = SYNTH + ["outer=sgd", "checkpoint_every=1", "meta_iters=6"]
+    train(load_config(None, base + ["meta_iters=2", "outer_lr=0.01"]), run, progress=False,
+          network=net(), samplers=synthetic_samplers())
+    good = load_checkpoint(tmp_path / "run" / "last.pt")
+    with pytest.raises(NonFiniteError, match=r"diverged.*iteration 3.*(norm|loss).*times its "
+                                             r"(start|first).*--allow-change outer_lr"):
+        train(load_config(None, base + ["outer_lr=1e4"]), run, resume=True, progress=False,
+              network=net(), samplers=synthetic_samplers(), allow_change=["outer_lr"])
+    kept = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert kept["iteration"] == 2
+    assert all(torch.equal(kept["state_dict"][k], good["state_dict"][k]) for k in good["state_dict"])
+    assert max(float(r["loss"]) for r in read_metrics(run) if r["split"] == "train") < 100
+    fixed = load_config(None, base + ["outer_lr=0.005"])
+    with pytest.raises(ValueError, match="different config.*outer_lr.*--allow-change"):
+        train(fixed, run, resume=True, progress=False, network=net(), samplers=synthetic_samplers())
+    with pytest.raises(ValueError, match="--allow-change accepts"):
+        train(fixed, run, resume=True, progress=False, network=net(),
+              samplers=synthetic_samplers(), allow_change=["lam"])
+    summary = train(fixed, run, resume=True, progress=False, network=net(),
+                    samplers=synthetic_samplers(), allow_change=["outer_lr"])
+    assert summary["iterations"] == 6
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["outer_lr"] == 0.005
+
+
+def test_a_meta_test_split_that_cannot_make_tasks_fails_before_training(tmp_path, monkeypatch,
+                                                                        capsys):
+    from imaml import cli
+    from imaml import train as train_module
+
+    def sampler(cfg, split, queries, seed, progress=None):
+        if split == "meta_test":  # what TaskSampler says of a split with too few classes
+            raise ValueError("20-way tasks need 20 classes but this split has only 12")
+        raise AssertionError("only the meta-test split is checked here")
+
+    def never(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_module, "task_sampler", sampler)
+    monkeypatch.setattr(train_module, "train", never)
+    assert cli.main(["train", "ways=20", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "meta-test split cannot make" in err and "only 12" in err and "Traceback" not in err
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: {"rank": 1})
+    assert cli.main(["train", "ways=20", "--no-test", "--out", str(tmp_path / "r")]) == 0
 
 
 def test_an_internal_error_prints_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
@@ -115,3 +172,11 @@ def test_a_cli_input_error_prints_no_traceback(tmp_path, capsys):
     assert cli.main(["train", str(text), "outer_lr=inf", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "outer_lr must be > 0 and finite" in err and "Traceback" not in err
+
+
+def test_an_out_that_is_a_file_is_named(tmp_path, capsys):
+    from imaml import cli
+    afile = write_text_atomic("x", tmp_path / "afile")
+    assert cli.main(["train", "meta_iters=1", "--no-test", "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert f"the run folder {afile} is a file" in err and "Traceback" not in err

@@ -309,3 +309,75 @@ def test_unavailable_device_is_named():
         resolve_device("cuda")
     with pytest.raises(ValueError, match="device must be"):
         load_config(None, ["device=gpu"])
+
+
+def test_learned_lambda_trains_checkpoints_and_resumes_exactly(tmp_path):
+    """learn_lam: one λ per parameter tensor moves under the implicit λ-gradient; the
+    checkpoint carries it (MetaModel and the evaluation use it), and a run resumed half-way
+    ends with the λ and weights of the uninterrupted run."""
+    from imaml import conv4
+    from imaml.checkpoint import MetaModel
+    from imaml.train import train
+    over = SYNTH + ["learn_lam=true", "lam_lr=0.05", "checkpoint_every=5", "val_every=10"]
+
+    def run(out, iters, resume=False):
+        torch.manual_seed(0)
+        return train(load_config(None, over + [f"meta_iters={iters}"]), str(out), resume=resume,
+                     progress=False, network=conv4(1, 3, hidden=8, image_size=8),
+                     samplers=synthetic_samplers())
+
+    whole = run(tmp_path / "whole", 10)
+    lam = whole["learned_lam"]
+    assert len(lam) == 18 and len({round(v, 6) for v in lam.values()}) > 1
+    assert all(0 < v < 10 for v in lam.values())
+    # every tensor the support loss depends on moved from λ = 2; the convolution biases, which
+    # batch norm cancels (φ = θ there, so ∂L_test/∂λ = −(φ − θ)·w = 0), did not
+    conv_biases = {"0.bias", "3.bias", "6.bias", "9.bias"}
+    assert {k for k, v in lam.items() if v == 2.0} == conv_biases
+    run(tmp_path / "half", 5)
+    resumed = run(tmp_path / "half", 10, resume=True)
+    assert resumed["learned_lam"] == lam
+    a = load_checkpoint(tmp_path / "whole" / "last.pt")
+    b = load_checkpoint(tmp_path / "half" / "last.pt")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["learned_lam"] == list(lam.values())
+    # the loaded model adapts with the learned λ, one value per parameter
+    info = {k: v for k, v in a.items() if k != "state_dict"}
+    net = conv4(1, 3, hidden=8, image_size=8)
+    net.load_state_dict(a["state_dict"])
+    from imaml.registry import build_method
+    mm = MetaModel(net, build_method(a["method"]), info)
+    assert mm.method.lam.shape == (mm.model.num_params,)
+    first = mm.model.names[0]
+    assert float(mm.method.lam[0]) == pytest.approx(lam[first], rel=1e-6)
+
+
+def test_learn_lam_is_refused_for_a_method_without_lambda():
+    with pytest.raises(ValueError, match="learn_lam learns iMAML's λ"):
+        load_config(None, ["method=maml", "learn_lam=true"])
+
+
+def test_adapt_config_trains_the_body_as_meta_only(tmp_path):
+    """adapt='13.' (the head): the inner loop moves only the head, the outer loop still learns
+    the body, and a loaded checkpoint adapts the same parameters."""
+    from imaml import conv4
+    from imaml.registry import build_method
+    torch.manual_seed(0)
+    net = conv4(1, 3, hidden=8, image_size=8)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    from imaml.train import train
+    train(load_config(None, SYNTH + ["meta_iters=3", "adapt=13."]), str(tmp_path / "run"),
+          progress=False, network=net, samplers=synthetic_samplers())
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck["method"]["adapt"] == "13."
+    assert not torch.equal(ck["state_dict"]["0.weight"], start["0.weight"])  # body meta-learned
+    mm = MetaModel(net, build_method(ck["method"]), {k: v for k, v in ck.items() if k != "state_dict"})
+    assert mm.model.adapted_names() == ["13.weight", "13.bias"]
+    task = synthetic_samplers()[1].batch([0])[0]
+    phi = mm.adapt(task.x_support, task.y_support)
+    body = mm.model.adapt_mask == 0
+    assert torch.equal(phi[body], mm.model.theta()[body])
+    with pytest.raises(ValueError, match="adapt names no parameter"):
+        train(load_config(None, SYNTH + ["meta_iters=1", "adapt=head"]), str(tmp_path / "bad"),
+              progress=False, network=conv4(1, 3, hidden=8, image_size=8),
+              samplers=synthetic_samplers())

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from .functional import FunctionalModel, ProximalProblem, check_finite, make_hvp, task_loss
+from .functional import FunctionalModel, check_finite, curvature_product
+from .implicit import adjoint_solve
 from .inner import GradientDescent, Nesterov
 from .linear import LINEAR_SOLVERS, NegativeCurvatureError
 from .meta import FOMAML, IMAML, MAML, Reptile
@@ -27,8 +28,8 @@ from .meta import FOMAML, IMAML, MAML, Reptile
 class BatchMetaGradient:
     """Per-task results, stacked: grads [B, P]; query_loss, query_accuracy [B]; the inner
     solve's final ‖∇G‖ [B] (NaN where the solver did not evaluate it) and whether it met its
-    tolerance [B]; for iMAML, the linear solve's final residual relative to its first [B] and
-    whether it met negative curvature [B]."""
+    tolerance [B]; for iMAML, the linear solve's final residual relative to its first [B],
+    whether it met negative curvature [B] and, for a tensor λ, ∂L_test/∂λ [B, P]."""
 
     grads: Tensor
     query_loss: Tensor
@@ -37,6 +38,7 @@ class BatchMetaGradient:
     inner_converged: Tensor
     cg_residual: Optional[Tensor] = None
     negative_curvature: Optional[Tensor] = None
+    lam_grads: Optional[Tensor] = None  # iMAML with one λ per parameter: ∂L_test/∂λ [B, P]
 
     @property
     def grad(self) -> Tensor:
@@ -60,6 +62,7 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
     theta = theta.detach()
     classify = batch.y_query.dtype in (torch.int64, torch.int32)
     lam = method.lam
+    per_parameter = isinstance(method, IMAML) and isinstance(lam, Tensor)
 
     def query(p, xq, yq):
         logits = model.forward(p, xq)
@@ -67,38 +70,39 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
         acc = (logits.argmax(-1) == yq).float().mean() if classify else loss * 0
         return loss, acc
 
-    def inner_solve(support, th):
-        return method.inner.state(ProximalProblem(support, th, lam), th, early_stop=False)
+    def inner_solve(xs, ys, th):
+        return method.inner.state(method.support_problem(model, th, xs, ys), th, early_stop=False)
 
     def per_task(xs, ys, xq, yq):
-        support = task_loss(model, xs, ys)
         if isinstance(method, MAML):
             def outer(th):
-                s = inner_solve(support, th)
+                s = inner_solve(xs, ys, th)
                 loss, acc = query(s.phi, xq, yq)
                 return loss, (acc, s.grad_norm.detach(), s.converged)
             g, (loss, (acc, gn, conv)) = grad_and_value(outer, has_aux=True)(theta)
-            return g, loss, acc, gn, conv, loss * 0, conv & False
-        s = inner_solve(support, theta)
+            return g, loss, acc, gn, conv, loss * 0, conv & False, loss * 0
+        s = inner_solve(xs, ys, theta)
         phi = s.phi
         if isinstance(method, Reptile):
             loss, acc = query(phi, xq, yq)
-            return theta - phi, loss, acc, s.grad_norm, s.converged, loss * 0, s.converged & False
+            return (theta - phi, loss, acc, s.grad_norm, s.converged, loss * 0,
+                    s.converged & False, loss * 0)
         v, (loss, acc) = grad_and_value(lambda p: query(p, xq, yq), has_aux=True)(phi)
         if isinstance(method, FOMAML):
-            return v, loss, acc, s.grad_norm, s.converged, loss * 0, s.converged & False
-        if method.curvature == "ggn":
-            curv = method.curvature_product(model, xs, ys, phi)
-        else:  # reverse-over-reverse: the graph of ∇L̂(φ) built once for all iterations
-            curv = make_hvp(support, phi, "rev-rev")
-        lin = LINEAR_SOLVERS[method.linear_solver](
-            lambda u: u + curv(u) / lam, v, max_iter=method.cg_max_iter, rtol=method.cg_rtol,
-            atol=method.cg_atol, early_stop=False)
-        rel = lin.residual / lin.history[0].clamp_min(torch.finfo(v.dtype).tiny)  # ‖r₀‖ = ‖v‖
-        return lin.x, loss, acc, s.grad_norm, s.converged, rel, lin.negative_curvature
+            return v, loss, acc, s.grad_norm, s.converged, loss * 0, s.converged & False, loss * 0
+        # the exact Hessian by reverse-over-reverse: the graph of ∇L̂(φ) built once for all
+        # iterations
+        curv = curvature_product(model, xs, ys, phi, method.curvature, "rev-rev")
+        solve = lambda A, b: LINEAR_SOLVERS[method.linear_solver](  # noqa: E731
+            A, b, max_iter=method.cg_max_iter, rtol=method.cg_rtol, atol=method.cg_atol,
+            early_stop=False)
+        g, w, lin = adjoint_solve(curv, v, lam, model.adapt_mask, solve)
+        rel = lin.residual / lin.history[0].clamp_min(torch.finfo(v.dtype).tiny)  # ‖r₀‖ = ‖b‖
+        lam_grad = -(phi - theta) * w if per_parameter else loss * 0
+        return g, loss, acc, s.grad_norm, s.converged, rel, lin.negative_curvature, lam_grad
 
     with torch.no_grad() if not isinstance(method, MAML) else torch.enable_grad():
-        grads, loss, acc, gn, conv, res, neg = vmap(per_task)(
+        grads, loss, acc, gn, conv, res, neg, lam_grads = vmap(per_task)(
             batch.x_support, batch.y_support, batch.x_query, batch.y_query)
     check_finite(loss, "query loss")
     check_finite(grads, "task meta-gradients")
@@ -109,4 +113,4 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
                                      f"{len(neg)} tasks of the batch")
     return BatchMetaGradient(grads.detach(), loss.detach(), acc.detach() if classify else None,
                              gn.detach(), conv, res if is_imaml else None,
-                             neg if is_imaml else None)
+                             neg if is_imaml else None, lam_grads if per_parameter else None)

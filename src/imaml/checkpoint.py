@@ -15,7 +15,7 @@ from typing import Any, Dict
 import torch
 
 from .records import torch_save_atomic
-from .registry import METHOD_NAMES, build_method, build_network  # noqa: F401 (re-exported)
+from .registry import METHOD_NAMES, adapt_names, build_method, build_network  # noqa: F401
 
 FORMAT, VERSION = "imaml-checkpoint", 1
 
@@ -73,7 +73,17 @@ class MetaModel:
     def __init__(self, network: torch.nn.Module, method, info: Dict[str, Any]):
         from .functional import FunctionalModel
         self.network, self.method, self.info = network, method, info
-        self.model = FunctionalModel(network)
+        self.model = FunctionalModel(network, adapt=adapt_names(info.get("method", {})))
+        self.use_learned_lam()
+
+    def use_learned_lam(self) -> None:
+        """Give the method the λ per parameter tensor the run learned (config ``learn_lam``),
+        if it learned any."""
+        if self.info.get("learned_lam") is not None:
+            from .implicit import expand_lam
+            p = next(self.network.parameters())
+            lam = torch.tensor(self.info["learned_lam"], dtype=p.dtype, device=p.device)
+            self.method.lam = expand_lam(self.model, lam)
 
     @classmethod
     def load(cls, path, device="cpu") -> "MetaModel":

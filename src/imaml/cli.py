@@ -42,6 +42,8 @@ def _eval(args) -> int:
         method_cfg = {**method_cfg, **changes}
         try:
             mm.method = build_method(method_cfg)
+            if "lam" not in changes:  # keep a learned λ
+                mm.use_learned_lam()
         except ValueError as e:
             flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
             raise ValueError(f"{flags}: {e}") from None
@@ -74,14 +76,25 @@ def _eval(args) -> int:
 
 
 def _train(args) -> int:
-    from .train import load_config, test_best, train
+    from .train import load_config, task_sampler, test_best, train
     if args.config and "=" in args.config and not args.config.endswith(".json"):
         args.overrides, args.config = [args.config] + args.overrides, None
     cfg = load_config(args.config, args.overrides)
     out = args.out or f"runs/{cfg.dataset}-{cfg.ways}w{cfg.shots}s-{cfg.method}"
     if args.data_dir:
         cfg.data_dir = args.data_dir
-    summary = train(cfg, out, resume=args.resume, progress_every_s=args.progress_every)
+    if not args.no_test:  # a meta-test split that cannot make the tasks fails now, not after training
+        try:
+            task_sampler(cfg, "meta_test", cfg.eval_queries, 0)
+        except ValueError as e:
+            raise ValueError(f"the meta-test split cannot make the final test's tasks: {e} "
+                             "(or train with --no-test)") from None
+    allow = [a.strip() for a in (args.allow_change or "").split(",") if a.strip()]
+    if allow and not args.resume:
+        raise ValueError("--allow-change applies to --resume (a changed rate for a run that "
+                         "continues)")
+    summary = train(cfg, out, resume=args.resume, progress_every_s=args.progress_every,
+                    allow_change=allow)
     if summary.get("rank", 0) != 0:  # other ranks of a torchrun launch: rank 0 reports
         return 0
     print(f"trained {summary['iterations']} iterations in {summary['train_minutes']:.1f} min; "
@@ -177,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config field, e.g. meta_iters=500 method=maml")
     t.add_argument("--out", help="run folder (default runs/<dataset>-<N>w<K>s-<method>)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    t.add_argument("--allow-change", metavar="FIELDS",
+                   help="with --resume: rates that may differ from the run's config, "
+                        "comma-separated (outer_lr, outer_lr_min, inner_lr, lam_lr), to continue "
+                        "a run that diverged from its last good checkpoint with a lower rate")
     t.add_argument("--data-dir", help="dataset folder (default: $IMAML_DATA)")
     t.add_argument("--no-test", action="store_true", help="skip the final meta-test evaluation")
     t.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
@@ -277,7 +294,7 @@ def main(argv=None) -> int:
         return 2
     except OSError as e:  # the machine's fault, not a bug: full disk, no permission, ...
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
-                           errno.ENOTDIR, errno.EISDIR, errno.ENOENT):
+                           errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST):
             raise
         print(f"imaml {args.command}: error: {e.strerror if e.filename is None else e}",
               file=sys.stderr)

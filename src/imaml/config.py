@@ -41,6 +41,13 @@ class TrainConfig:
     linear_solver: str = "cg"   # iMAML's linear solver: 'cg' or 'minres' (indefinite-safe)
     truncate: int = 5
     prox_lam: float = 0.0
+    # the parameters the inner loop adapts: comma-separated names or prefixes ('13.' is the
+    # Conv-4 head: ANIL); null adapts all; the others are meta-only (imaml.FunctionalModel)
+    adapt: Optional[str] = None
+    # iMAML: learn one λ per parameter tensor in the outer loop (λ = exp(s), Adam on s with
+    # learning rate lam_lr), starting from lam; the learned λ are used at evaluation too
+    learn_lam: bool = False
+    lam_lr: float = 0.01
     eval_inner_steps: Optional[int] = None  # inner steps at evaluation (default: inner_steps)
     # outer loop
     outer: str = "adam"
@@ -73,7 +80,7 @@ class TrainConfig:
                 "cg_max_iter": self.cg_max_iter, "curvature": self.curvature,
                 "linear_solver": self.linear_solver,
                 "truncate": self.truncate,
-                "prox_lam": self.prox_lam}
+                "prox_lam": self.prox_lam, "adapt": self.adapt}
 
     def validate(self) -> None:
         if self.dataset not in ("omniglot", "miniimagenet"):
@@ -88,7 +95,9 @@ class TrainConfig:
                      "val_every", "val_tasks", "test_tasks", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("outer_lr", "inner_lr"):
+        if self.learn_lam and not self.method.startswith("imaml"):
+            raise ValueError(f"learn_lam learns iMAML's λ; method {self.method!r} has none")
+        for name in ("outer_lr", "inner_lr", "lam_lr"):
             value = getattr(self, name)
             if not 0 < value < math.inf:
                 raise ValueError(f"{name} must be > 0 and finite, got {value}")

@@ -86,10 +86,16 @@ def _batch_stats(r) -> list:
             r.negative_curvature.sum() if cg else 0]
 
 
+def learns_lam(method) -> bool:
+    """Whether ``method`` has one λ per parameter, whose gradient the meta-batch also sums."""
+    return isinstance(getattr(method, "lam", None), torch.Tensor)
+
+
 def local_sums(method, model: FunctionalModel, theta: torch.Tensor, batch, batched: bool):
     """(Σ task meta-gradients, the STATS sums as a float64 vector) for the tasks of ``batch``
-    (a TaskBatch, possibly empty: a rank with no task of the meta-batch contributes zeros)."""
-    p = theta.numel()
+    (a TaskBatch, possibly empty: a rank with no task of the meta-batch contributes zeros).
+    With one λ per parameter (``learns_lam``) the first is [Σ ∂/∂θ, Σ ∂L_test/∂λ] (2P)."""
+    p = theta.numel() * (2 if learns_lam(method) else 1)
     if batch is None or len(batch) == 0:
         return (torch.zeros(p, dtype=theta.dtype, device=theta.device),
                 torch.zeros(len(STATS), dtype=torch.float64, device=theta.device))
@@ -97,9 +103,13 @@ def local_sums(method, model: FunctionalModel, theta: torch.Tensor, batch, batch
     if batched and supports_batching(method):
         r = batch_meta_gradient(method, model, theta, batch)
         g, stats = r.grads.sum(0), _batch_stats(r)
+        lam_grad = r.lam_grads.sum(0) if r.lam_grads is not None else None
     else:
         g, results = task_meta_gradients(method, model, theta, batch.tasks())
         stats = _loop_stats(results)
+        lam_grad = torch.stack([r.lam_grad for r in results]).sum(0) if learns_lam(method) else None
+    if lam_grad is not None:
+        g = torch.cat([g, lam_grad])
     return g.detach(), torch.tensor([float(v) for v in stats], dtype=torch.float64,
                                     device=g.device)
 

@@ -133,7 +133,7 @@ def evaluate(method, model: FunctionalModel, theta: torch.Tensor, sampler, num_t
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
     if inner_stats is None:
-        inner_stats = getattr(method, "lam", 0.0) > 0
+        inner_stats = bool((torch.as_tensor(getattr(method, "lam", 0.0)) > 0).all())
     from tqdm import tqdm
     theta = theta.detach()
     accs: List[float] = []

@@ -38,11 +38,20 @@ class FunctionalModel:
             ``track_running_stats=False`` (transductive, as in MAML): running statistics are
             state that a pure function cannot update.
         loss_fn: ``loss_fn(outputs, targets) -> scalar``; cross-entropy by default.
+        adapt: which parameters the inner problem adapts: names or name prefixes (``"13."``
+            or ``"head"`` adapts a head, as in ANIL, Raghu et al. 2020); None adapts all. The
+            others are meta-only: learned by the outer loop, held at θ in the inner problem
+            (``adapt_mask``; the meta-gradient methods and ``implicit_solution`` use it).
+
+    Inputs ``x`` may be a tensor, a tuple of tensors (the module's positional arguments) or a
+    dict of tensors (its keyword arguments); the examples are indexed by the first dimension
+    of each.
 
     The invariant: ``self.forward(self.theta(), x) == module(x)``.
     """
 
-    def __init__(self, module: nn.Module, loss_fn: LossFn = nn.functional.cross_entropy):
+    def __init__(self, module: nn.Module, loss_fn: LossFn = nn.functional.cross_entropy,
+                 adapt: Optional[Iterable[str]] = None):
         tracking = [n for n, m in module.named_modules()
                     if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
         if tracking:
@@ -61,6 +70,28 @@ class FunctionalModel:
         self.numels = [p.numel() for _, p in named]
         self.num_params = sum(self.numels)
         self.buffers = {n: b for n, b in module.named_buffers()}
+        self.adapt_mask = None if adapt is None else self._mask(list(adapt))
+
+    def _mask(self, adapt) -> Tensor:
+        if isinstance(adapt, str):
+            adapt = [adapt]
+        chosen = [any(n == a or n.startswith(a.rstrip(".") + ".") for a in adapt)
+                  for n in self.names]
+        unknown = [a for a in adapt if not any(n == a or n.startswith(a.rstrip(".") + ".")
+                                               for n in self.names)]
+        if unknown or not any(chosen):
+            raise ValueError(f"adapt names no parameter of the module ({unknown or adapt}); "
+                             f"its parameters: {', '.join(self.names)}")
+        flat = dict(self.module.named_parameters())[self.names[0]]
+        return torch.cat([torch.full((k,), float(c), dtype=flat.dtype, device=flat.device)
+                          for k, c in zip(self.numels, chosen)])
+
+    def adapted_names(self):
+        """The names of the parameters the inner problem adapts."""
+        if self.adapt_mask is None:
+            return list(self.names)
+        return [n for n, c in zip(self.names, torch.split(self.adapt_mask, self.numels))
+                if bool(c[0])]
 
     # -- layout -------------------------------------------------------------------------
     def unflatten(self, flat: Tensor) -> Dict[str, Tensor]:
@@ -96,8 +127,11 @@ class FunctionalModel:
                 self.module.get_parameter(n).copy_(t)
 
     # -- evaluation ---------------------------------------------------------------------
-    def forward(self, flat: Tensor, x: Tensor) -> Tensor:
-        return functional_call(self.module, (self.unflatten(flat), self.buffers), (x,))
+    def forward(self, flat: Tensor, x) -> Tensor:
+        params = (self.unflatten(flat), self.buffers)
+        if isinstance(x, dict):
+            return functional_call(self.module, params, (), x)
+        return functional_call(self.module, params, tuple(x) if isinstance(x, (tuple, list)) else (x,))
 
     def loss(self, flat: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(self.forward(flat, x), y)
@@ -158,13 +192,18 @@ class ProximalProblem:
             tensor of one λ per parameter (the shape of θ), for G(φ) = L̂(φ) + ½ Σᵢ λᵢ(φᵢ − θᵢ)².
         curvature: optional ``phi -> (v -> C v)`` replacing the Hessian of L̂ in ``hvp`` (for
             example the Gauss-Newton matrix, ``make_ggn``); None means the exact Hessian.
+        mask: optional 0/1 tensor of θ's shape (``FunctionalModel.adapt_mask``): G is then
+            minimised over the coordinates marked 1 only, the others held at θ (its gradient
+            and Hessian products are those of G restricted to the adapted coordinates; a
+            solver started at θ never moves the others).
 
     G is λ-strongly convex whenever L̂ is convex (λ the smallest λᵢ: ``lam_min``), so
     ‖φ − φ*‖ ≤ ‖∇G(φ)‖/λ; the inner solvers use that bound to stop at accuracy δ.
     """
 
     def __init__(self, loss: Callable[[Tensor], Tensor], theta: Tensor, lam,
-                 curvature: Optional[Callable[[Tensor], Callable[[Tensor], Tensor]]] = None):
+                 curvature: Optional[Callable[[Tensor], Callable[[Tensor], Tensor]]] = None,
+                 mask: Optional[Tensor] = None):
         if isinstance(lam, Tensor) and lam.dim() > 0:
             if lam.shape != theta.shape:
                 raise ValueError(f"a per-parameter lam must have θ's shape {tuple(theta.shape)}, "
@@ -177,7 +216,13 @@ class ProximalProblem:
             finite = math.isfinite(lam)
         if not finite or self.lam_min < 0:
             raise ValueError(f"lam must be finite and >= 0, got {lam}")
+        if mask is not None and mask.shape != theta.shape:
+            raise ValueError(f"mask must have θ's shape {tuple(theta.shape)}, got {tuple(mask.shape)}")
         self.loss, self.theta, self.lam, self.curvature = loss, theta, lam, curvature
+        self.mask = mask
+
+    def _restrict(self, v: Tensor) -> Tensor:
+        return v if self.mask is None else self.mask * v
 
     def value(self, phi: Tensor) -> Tensor:
         d = phi - self.theta
@@ -186,19 +231,40 @@ class ProximalProblem:
         return self.loss(phi) + 0.5 * self.lam * torch.dot(d, d)
 
     def grad(self, phi: Tensor) -> Tensor:
-        return grad(self.loss)(phi) + self.lam * (phi - self.theta)
+        return self._restrict(grad(self.loss)(phi) + self.lam * (phi - self.theta))
 
     def value_and_grad(self, phi: Tensor):
         """(G(φ), ∇G(φ)) from one forward and one backward pass."""
         g, value = grad_and_value(self.value)(phi)
-        return value, g
+        return value, self._restrict(g)
 
     def hvp(self, phi: Tensor, mode: str = DEFAULT_HVP) -> Callable[[Tensor], Tensor]:
         """v -> ∇²G(φ) v = H v + λ v (H replaced by ``curvature(φ)`` when given)."""
         h = self.curvature(phi) if self.curvature is not None else make_hvp(self.loss, phi, mode)
-        return lambda v: h(v) + self.lam * v
+        r = self._restrict
+        return lambda v: r(h(r(v)) + self.lam * v)
 
 
 def task_loss(model: FunctionalModel, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
     """φ -> model.loss(φ, x, y)."""
     return lambda flat: model.loss(flat, x, y)
+
+
+def inner_problem(model: FunctionalModel, x, y: Tensor, theta: Tensor, lam,
+                  curvature: str = "hessian") -> ProximalProblem:
+    """The proximal inner problem of the support set (x, y): G over the parameters ``model``
+    adapts (its ``adapt_mask``), with the exact Hessian or, for ``curvature='ggn'``, the
+    Gauss-Newton matrix in its curvature products (what Newton-CG uses)."""
+    if curvature not in ("hessian", "ggn"):
+        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+    ggn = (lambda phi: make_ggn(model, x, y, phi)) if curvature == "ggn" else None
+    return ProximalProblem(task_loss(model, x, y), theta, lam, curvature=ggn,
+                           mask=model.adapt_mask)
+
+
+def curvature_product(model: FunctionalModel, x, y: Tensor, phi: Tensor,
+                      curvature: str = "hessian", hvp_mode: str = DEFAULT_HVP):
+    """v -> H v, the support loss's Hessian at φ (or its Gauss-Newton matrix for 'ggn')."""
+    if curvature == "ggn":
+        return make_ggn(model, x, y, phi)
+    return make_hvp(task_loss(model, x, y), phi, hvp_mode)

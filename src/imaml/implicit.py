@@ -10,23 +10,31 @@ implicit function theorem gives, with H = ∇²L̂(φ*),
 
 So for an upstream gradient v = ∂ℓ/∂φ, with w = (H + Λ)⁻¹ v: ∂ℓ/∂θ = Λ w and
 ∂ℓ/∂λᵢ = −(φ*ᵢ − θᵢ) wᵢ (summed over a layer for per-layer λ, over all for a scalar λ).
-For a scalar λ, Λ w = (I + H/λ)⁻¹ v is exactly iMAML's task meta-gradient (Algorithm 2).
+For a scalar λ, Λ w = (I + H/λ)⁻¹ v is exactly iMAML's task meta-gradient (Algorithm 2), and
+``IMAML.meta_gradient`` is computed by this layer.
+
+**Adapting part of the network** (``FunctionalModel(adapt=...)``, ANIL): with the adapted
+coordinates h and the meta-only ones b held at θ_b, the inner problem is over φ_h alone and
+    w_h = (H_hh + Λ_h)⁻¹ v_h,   ∂ℓ/∂θ_h = Λ_h w_h,   ∂ℓ/∂θ_b = v_b − H_bh w_h,
+the last term being how the adapted head moves when the body changes (one more Hessian product).
 
 ``implicit_solution`` runs any inner solver without a graph (memory independent of its steps)
 and returns φ connected to θ and λ by a ``torch.autograd.Function`` whose backward solves the
-adjoint system with the chosen linear solver. The system is solved in the symmetric scaling
-(I + Λ^{-1/2} H Λ^{-1/2}) z = Λ^{-1/2} v, w = Λ^{-1/2} z, which for a scalar λ is iMAML's own
-system, so the layer and ``IMAML.meta_gradient`` agree iterate for iterate.
+adjoint system with the chosen linear solver. For a scalar λ the system is iMAML's own,
+(I + H/λ) z = v; for λ per layer or per parameter it is solved in the symmetric scaling
+(I + Λ^{-1/2} H Λ^{-1/2}) z = Λ^{-1/2} v, w = Λ^{-1/2} z.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .functional import FunctionalModel, ProximalProblem, make_hvp, task_loss
-from .linear import conjugate_gradient, minres
+from .functional import FunctionalModel, curvature_product, inner_problem
+from .linear import CG_POLICIES, CGResult, conjugate_gradient, minres
+
+Lam = Union[float, Tensor]
 
 
 def expand_lam(model: FunctionalModel, lam: Tensor) -> Tensor:
@@ -43,15 +51,38 @@ def expand_lam(model: FunctionalModel, lam: Tensor) -> Tensor:
                      f"{lam.numel()} values")
 
 
+def adjoint_solve(curv: Callable[[Tensor], Tensor], v: Tensor, lam: Lam, mask: Optional[Tensor],
+                  solve: Callable) -> Tuple[Tensor, Tensor, CGResult]:
+    """(∂ℓ/∂θ, w, the linear solver's result) for the upstream gradient v = ∂ℓ/∂φ at a solved
+    inner problem, where w = (H + Λ)⁻¹ v on the adapted coordinates (module docstring).
+
+    ``curv`` is v -> H v at φ; ``lam`` a number (iMAML's system, unscaled) or one λ per
+    parameter; ``mask`` the adapted coordinates (None: all); ``solve(A, b)`` any of the linear
+    solvers. Plain tensor arithmetic: it runs per task and under ``vmap``."""
+    r = (lambda u: u) if mask is None else (lambda u: mask * u)  # noqa: E731
+    if isinstance(lam, Tensor):
+        s = lam.rsqrt()
+        lin = solve(lambda u: u + r(s * curv(s * r(u))), r(s * v))
+        w = s * lin.x
+        g = lam * w
+    else:
+        lin = solve(lambda u: u + r(curv(r(u))) / lam, r(v))
+        w = lin.x / lam
+        g = lin.x
+    if mask is not None:  # the meta-only coordinates: v_b − H_bh w_h
+        g = mask * g + (1 - mask) * (v - curv(w))
+    return g, w, lin
+
+
 class _Implicit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, theta, lam, setup):
-        model, x, y, inner, solve, record, scalar = setup
+        model, x, y, inner, solve, record, scalar, curvature, hvp_mode = setup
         theta_d, lam_d = theta.detach(), lam.detach()
         # a scalar λ goes in as a number: the very problem IMAML solves
         lam_p = float(lam_d[0]) if scalar else lam_d
         with torch.no_grad():
-            result = inner.solve(ProximalProblem(task_loss(model, x, y), theta_d, lam_p), theta_d)
+            result = inner.solve(inner_problem(model, x, y, theta_d, lam_p, curvature), theta_d)
         phi = result.phi.detach()
         if record is not None:
             record["inner"] = result
@@ -62,40 +93,57 @@ class _Implicit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v):
         theta, lam, phi = ctx.saved_tensors
-        model, x, y, inner, solve, record, _ = ctx.setup
-        with torch.enable_grad():
-            hvp = make_hvp(task_loss(model, x, y), phi, "rev-rev")
-            scale = lam.rsqrt()  # Λ^{-1/2}
-            res = solve(lambda u: u + scale * hvp(scale * u), scale * v)
+        model, x, y, inner, solve, record, scalar, curvature, hvp_mode = ctx.setup
+        curv = curvature_product(model, x, y, phi, curvature, hvp_mode)
+        g, w, res = adjoint_solve(curv, v, float(lam[0]) if scalar else lam, model.adapt_mask,
+                                  solve)
         if record is not None:
             record["linear"] = res
-        w = scale * res.x.detach()
-        return lam * w, -(phi - theta) * w, None
+        return g.detach(), -(phi - theta) * w.detach(), None
 
 
-def implicit_solution(model: FunctionalModel, theta: Tensor, lam, x: Tensor, y: Tensor, inner,
+def implicit_solution(model: FunctionalModel, theta, lam, x, y: Tensor, inner,
                       linear_solver: str = "minres", max_iter: int = 20, rtol: float = 0.0,
-                      record: Optional[Dict] = None) -> Tensor:
+                      atol: float = 0.0, curvature: str = "hessian", hvp_mode: str = "rev-rev",
+                      on_negative_curvature: str = "stop", record: Optional[Dict] = None):
     """φ*(θ, λ) for the support set (x, y), differentiable with respect to θ and λ.
 
     Args:
-        model: the functional model whose support loss L̂ defines the inner problem.
-        theta: flat meta-parameters (may require grad).
+        model: the functional model whose support loss L̂ defines the inner problem (with
+            ``adapt=...``, only those parameters are adapted; the rest get the meta-only
+            gradient of the module docstring).
+        theta: the meta-parameters, flat (may require grad), or a dict name -> tensor in the
+            model's layout; φ is returned in the same form.
         lam: λ > 0 as a number or tensor: a scalar, one value per parameter tensor (per layer)
             or one per parameter; a tensor that requires grad gets ∂ℓ/∂λ.
+        x, y: the support set (x a tensor, a tuple or a dict of the module's inputs).
         inner: any inner solver (``GradientDescent``, ``Nesterov``, ``NewtonCG``); it runs
             without an autograd graph.
-        linear_solver, max_iter, rtol: how the backward solves the adjoint system ('minres',
-            safe when H + Λ is indefinite, or 'cg').
+        linear_solver, max_iter, rtol, atol, on_negative_curvature: how the backward solves the
+            adjoint system ('minres', safe when H + Λ is indefinite, or 'cg' with its policy on
+            negative curvature, 'stop' or 'raise').
+        curvature: 'hessian' (exact) or 'ggn' (Gauss-Newton) in the adjoint system and in
+            Newton-CG's inner steps; hvp_mode: 'rev-rev' or 'fwd-rev' Hessian products.
         record: a dict that receives ``"inner"`` (the InnerResult) in the forward and
             ``"linear"`` (the CGResult of the adjoint solve) in the backward.
     """
     if linear_solver not in ("cg", "minres"):
         raise ValueError(f"linear_solver must be 'cg' or 'minres', got {linear_solver!r}")
-    lam = torch.as_tensor(lam, dtype=theta.dtype, device=theta.device)
+    if on_negative_curvature not in CG_POLICIES:
+        raise ValueError(f"on_negative_curvature must be one of {CG_POLICIES}, "
+                         f"got {on_negative_curvature!r}")
+    as_dict = isinstance(theta, dict)
+    flat = model.flatten(theta) if as_dict else theta
+    lam = torch.as_tensor(lam, dtype=flat.dtype, device=flat.device)
     if not bool(torch.isfinite(lam).all()) or not bool((lam > 0).all()):
         raise ValueError(f"lam must be > 0 and finite, got {lam.detach().flatten()[:4].tolist()}")
-    fn = conjugate_gradient if linear_solver == "cg" else minres
-    solve = lambda A, b: fn(A, b, max_iter=max_iter, rtol=rtol)  # noqa: E731
-    return _Implicit.apply(theta, expand_lam(model, lam),
-                           (model, x, y, inner, solve, record, lam.numel() == 1))
+    if linear_solver == "cg":
+        solve = lambda A, b: conjugate_gradient(  # noqa: E731
+            A, b, max_iter=max_iter, rtol=rtol, atol=atol,
+            on_negative_curvature=on_negative_curvature)
+    else:
+        solve = lambda A, b: minres(A, b, max_iter=max_iter, rtol=rtol, atol=atol)  # noqa: E731
+    phi = _Implicit.apply(flat, expand_lam(model, lam),
+                          (model, x, y, inner, solve, record, lam.numel() == 1, curvature,
+                           hvp_mode))
+    return model.unflatten(phi) if as_dict else phi

@@ -204,7 +204,7 @@ class GradientDescent(_FirstOrder):
             raise ValueError(f"step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
         if self.step_rule != "grow" and not self.adaptive:
             raise ValueError(f"step_rule {self.step_rule!r} sizes adaptive steps: "
-                             "set adaptive=True")
+                             "set adaptive=True (in a config: inner_adaptive=true)")
         if self.memory < 1:
             raise ValueError(f"memory must be at least 1, got {self.memory}")
 

@@ -23,11 +23,12 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
-from .functional import (DEFAULT_HVP, FunctionalModel, ProximalProblem, check_finite, make_ggn,
-                         make_hvp, task_loss)
+from .functional import (DEFAULT_HVP, FunctionalModel, ProximalProblem, check_finite,
+                         curvature_product, inner_problem)
+from .implicit import implicit_solution
 from .inner import GradientDescent, InnerResult, Nesterov, NewtonCG
 from .tasks import Task
-from .linear import CG_POLICIES, LINEAR_SOLVERS, CGResult, conjugate_gradient, minres
+from .linear import CG_POLICIES, LINEAR_SOLVERS, CGResult
 
 InnerSolver = Union[GradientDescent, Nesterov, NewtonCG]
 
@@ -41,6 +42,7 @@ class MetaGradient:
         phi: the adapted parameters (detached).
         inner: what the inner solver reached.
         cg: the result of iMAML's linear solve, CG or MINRES (None for other methods).
+        lam_grad: iMAML: ∂L_test/∂λ, a number for a scalar λ, per parameter for a tensor λ.
     """
 
     grad: Tensor
@@ -49,6 +51,7 @@ class MetaGradient:
     phi: Tensor
     inner: InnerResult
     cg: Optional[CGResult] = None
+    lam_grad: Optional[Tensor] = None
 
 
 def accuracy_of(logits: Tensor, y: Tensor) -> Optional[float]:
@@ -59,7 +62,12 @@ def accuracy_of(logits: Tensor, y: Tensor) -> Optional[float]:
     return None
 
 
-def _check_lam(lam: float, positive: bool) -> None:
+def _check_lam(lam, positive: bool) -> None:
+    if isinstance(lam, Tensor):  # iMAML: one λ per parameter
+        if lam.dim() != 1 or not bool(torch.isfinite(lam).all()) or not bool((lam > 0).all()):
+            raise ValueError("a tensor lam must hold one finite λ > 0 per parameter (1-D), got "
+                             f"shape {tuple(lam.shape)}, values {lam.flatten()[:4].tolist()}")
+        return
     if not (lam > 0 if positive else lam >= 0) or lam != lam or lam == float("inf"):
         raise ValueError(f"lam must be {'> 0' if positive else '>= 0'} and finite, got {lam}")
 
@@ -67,14 +75,15 @@ def _check_lam(lam: float, positive: bool) -> None:
 class _Method:
     inner: InnerSolver
     lam: float
+    curvature: str = "hessian"
 
     def problem(self, model: FunctionalModel, theta: Tensor, task: Task) -> ProximalProblem:
-        return ProximalProblem(task_loss(model, task.x_support, task.y_support), theta, self.lam)
+        return self.support_problem(model, theta, task.x_support, task.y_support)
 
-    def support_problem(self, model: FunctionalModel, theta: Tensor, x: Tensor, y: Tensor
+    def support_problem(self, model: FunctionalModel, theta: Tensor, x, y: Tensor
                         ) -> ProximalProblem:
-        """The inner problem of a support set alone (no query set)."""
-        return self.problem(model, theta, Task(x, y, x[:0], y[:0]))
+        """The inner problem of a support set (over the parameters ``model`` adapts)."""
+        return inner_problem(model, x, y, theta, self.lam, self.curvature)
 
     def adapt(self, model: FunctionalModel, theta: Tensor, x: Tensor, y: Tensor) -> InnerResult:
         """Adapt θ to a support set (no meta-gradient): the inner solve alone."""
@@ -121,7 +130,8 @@ class IMAML(_Method):
     """Implicit MAML (Algorithm 2).
 
     Args:
-        lam: λ > 0, the proximal regularisation strength.
+        lam: λ > 0, the proximal regularisation strength: a number, or a 1-D tensor of one λ
+            per parameter (per-layer λ expanded, as the trainer's ``learn_lam`` does).
         inner: any inner solver (GradientDescent, Nesterov, NewtonCG).
         cg_max_iter: iterations of the linear solver for (I + H/λ) g = v (5 CG steps in the
             paper).
@@ -139,7 +149,7 @@ class IMAML(_Method):
             semi-definite, so the system stays positive definite. An approximation, opt-in.
     """
 
-    lam: float = 2.0
+    lam: Union[float, Tensor] = 2.0
     inner: InnerSolver = field(default_factory=GradientDescent)
     cg_max_iter: int = 5
     cg_rtol: float = 0.0
@@ -165,34 +175,29 @@ class IMAML(_Method):
 
     def curvature_product(self, model: FunctionalModel, x: Tensor, y: Tensor, phi: Tensor):
         """v -> H v (or G v) of the support loss at φ."""
-        if self.curvature == "ggn":
-            return make_ggn(model, x, y, phi)
-        return make_hvp(task_loss(model, x, y), phi, self.hvp_mode)
-
-    def problem(self, model: FunctionalModel, theta: Tensor, task: Task) -> ProximalProblem:
-        # A second-order inner solver (Newton-CG) uses the same curvature as the linear system.
-        problem = super().problem(model, theta, task)
-        if self.curvature == "ggn":
-            problem.curvature = lambda phi: self.curvature_product(model, task.x_support,
-                                                                   task.y_support, phi)
-        return problem
+        return curvature_product(model, x, y, phi, self.curvature, self.hvp_mode)
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
-        theta = theta.detach()
-        with torch.no_grad():
-            inner = self.inner.solve(self.problem(model, theta, task), theta)
-        phi = inner.phi.detach()
-        v, loss, acc = self._query(model, phi, task)
-        hvp = self.curvature_product(model, task.x_support, task.y_support, phi)
-        lam = self.lam
-        system = lambda u: u + hvp(u) / lam  # noqa: E731
-        if self.linear_solver == "minres":
-            cg = minres(system, v, max_iter=self.cg_max_iter, rtol=self.cg_rtol, atol=self.cg_atol)
-        else:
-            cg = conjugate_gradient(system, v, max_iter=self.cg_max_iter, rtol=self.cg_rtol,
-                                    atol=self.cg_atol,
-                                    on_negative_curvature=self.on_negative_curvature)
-        return MetaGradient(cg.x.detach(), loss, acc, phi, inner, cg)
+        """The task meta-gradient, through the implicit layer (``imaml.implicit_solution``): φ
+        from the inner solver, the query loss at φ, and its gradient with respect to θ by the
+        layer's linear solve (I + H/λ) g = ∇L_test(φ)."""
+        theta = theta.detach().requires_grad_(True)
+        lam = torch.as_tensor(self.lam, dtype=theta.dtype, device=theta.device)
+        lam = lam.detach().clone().requires_grad_(True)
+        record = {}
+        with torch.enable_grad():
+            phi = implicit_solution(
+                model, theta, lam, task.x_support, task.y_support, self.inner,
+                linear_solver=self.linear_solver, max_iter=self.cg_max_iter, rtol=self.cg_rtol,
+                atol=self.cg_atol, curvature=self.curvature, hvp_mode=self.hvp_mode,
+                on_negative_curvature=self.on_negative_curvature, record=record)
+            logits = model.forward(phi, task.x_query)
+            loss = model.loss_fn(logits, task.y_query)
+            check_finite(loss, "query loss")
+            g, lam_grad = torch.autograd.grad(loss, (theta, lam))
+        return MetaGradient(g.detach(), float(loss.detach()),
+                            accuracy_of(logits.detach(), task.y_query), phi.detach(),
+                            record["inner"], record["linear"], lam_grad.detach())
 
 
 @dataclass
@@ -240,7 +245,7 @@ class TruncatedMAML(_Baseline):
         problem = self.problem(model, theta, task)
         head = self.inner.steps - self.truncate
         with torch.no_grad():
-            first = self.inner.solve(ProximalProblem(problem.loss, theta.detach(), self.lam),
+            first = self.inner.solve(self.problem(model, theta.detach(), task),
                                      theta.detach(), steps=head)
         with torch.enable_grad():
             # Straight-through: φ_{K-T} = θ + const, so dφ_{K-T}/dθ = I.

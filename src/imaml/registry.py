@@ -19,7 +19,8 @@ def build_method(cfg: Dict[str, Any]):
     'bb': how gradient descent sizes adaptive steps), momentum, hf_steps,
     cg_iters, cg_max_iter, curvature ('hessian' or 'ggn', iMAML's linear system),
     linear_solver ('cg' or 'minres'), truncate, prox_lam (the baselines' proximal λ, 0 by
-    default)."""
+    default). ``adapt`` (which parameters the inner loop adapts) belongs to the model:
+    ``adapt_names`` reads it for ``FunctionalModel``."""
     name = cfg.get("name")
     lam, lr, steps = cfg.get("lam", 2.0), cfg.get("inner_lr", 0.1), cfg.get("inner_steps", 16)
     tol, cg = cfg.get("inner_tol", 0.0), cfg.get("cg_max_iter", 5)
@@ -49,6 +50,17 @@ def build_method(cfg: Dict[str, Any]):
     if name == "reptile":
         return Reptile(inner=gd, lam=outer_lam)
     raise ValueError(f"unknown method {name!r}; choose one of {METHOD_NAMES}")
+
+
+def adapt_names(cfg: Dict[str, Any]):
+    """The ``adapt`` setting of a method config as a list of names or prefixes (None: all)."""
+    value = cfg.get("adapt")
+    if value is None:
+        return None
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
+    if not all(names):
+        raise ValueError(f"adapt must name parameters or prefixes, comma-separated; got {value!r}")
+    return names
 
 
 def build_network(dataset: str, ways: int) -> torch.nn.Module:

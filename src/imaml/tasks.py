@@ -11,9 +11,32 @@ import torch
 from torch import Tensor
 
 
+def _leaves(x):
+    """The tensors of an input: a tensor, a tuple/list of tensors or a dict of tensors."""
+    if isinstance(x, dict):
+        return list(x.values())
+    return list(x) if isinstance(x, (tuple, list)) else [x]
+
+
+def _map(fn, x):
+    if isinstance(x, dict):
+        return {k: fn(v) for k, v in x.items()}
+    return type(x)(fn(v) for v in x) if isinstance(x, (tuple, list)) else fn(x)
+
+
+def _count(x, name: str) -> int:
+    sizes = {int(t.shape[0]) for t in _leaves(x)}
+    if len(sizes) != 1:
+        raise ValueError(f"the inputs of the {name} set disagree on the number of examples "
+                         f"(first dimensions {sorted(sizes)})")
+    return sizes.pop()
+
+
 @dataclass
 class Task:
-    """One few-shot task: a support (training) set and a query (test) set."""
+    """One few-shot task: a support (training) set and a query (test) set. Inputs may be a
+    tensor, a tuple of tensors (a model with several positional inputs) or a dict of tensors
+    (keyword inputs), examples along the first dimension of each."""
 
     x_support: Tensor
     y_support: Tensor
@@ -22,16 +45,18 @@ class Task:
 
     def to(self, device) -> "Task":
         """The same task with its tensors on ``device`` (itself when they are there already)."""
-        if device is None or self.x_support.device == torch.device(device):
+        if device is None or self.y_support.device == torch.device(device):
             return self
-        return type(self)(*(t.to(device) for t in (self.x_support, self.y_support,
+        move = lambda t: t.to(device)  # noqa: E731
+        return type(self)(*(_map(move, x) for x in (self.x_support, self.y_support,
                                                     self.x_query, self.y_query)))
 
     def __post_init__(self):
         for x, y, name in ((self.x_support, self.y_support, "support"),
                            (self.x_query, self.y_query, "query")):
-            if x.shape[0] != y.shape[0]:
-                raise ValueError(f"{name} set has {x.shape[0]} inputs but {y.shape[0]} targets")
+            n = _count(x, name)
+            if n != y.shape[0]:
+                raise ValueError(f"{name} set has {n} inputs but {y.shape[0]} targets")
 
 
 @dataclass
@@ -40,15 +65,17 @@ class TaskBatch(Task):
     y_* [tasks, examples, ...]. ``batch[i]`` is the i-th ``Task``."""
 
     def __post_init__(self):
-        if not (self.x_support.shape[0] == self.y_support.shape[0] == self.x_query.shape[0]
-                == self.y_query.shape[0]):
+        if not (_count(self.x_support, "support") == self.y_support.shape[0]
+                == _count(self.x_query, "query") == self.y_query.shape[0]):
             raise ValueError("a task batch needs the same number of tasks in all four tensors")
 
     def __len__(self) -> int:
-        return self.x_support.shape[0]
+        return self.y_support.shape[0]
 
     def __getitem__(self, i: int) -> Task:
-        return Task(self.x_support[i], self.y_support[i], self.x_query[i], self.y_query[i])
+        pick = lambda t: t[i]  # noqa: E731
+        return Task(*(_map(pick, x) for x in (self.x_support, self.y_support, self.x_query,
+                                              self.y_query)))
 
     def tasks(self):
         return [self[i] for i in range(len(self))]

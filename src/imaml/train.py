@@ -12,6 +12,7 @@ and the number of tasks drawn.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -25,10 +26,16 @@ from .distributed import (barrier, broadcast_parameters, from_rank0, init_from_e
                           mean_meta_gradient, resolve_device)
 from .evaluate import evaluate
 from .functional import FunctionalModel, NonFiniteError
+from .implicit import expand_lam
 from .outer import apply_meta_gradient
 from .records import (MetricsLog, RunLock, cell, plot_curves,  # noqa: F401 (re-exported)
                       read_metrics, write_json_atomic)
-from .registry import build_method, build_network
+from .registry import adapt_names, build_method, build_network
+
+# a run whose training loss or meta-parameter norm passes this many times its first value has
+# diverged (a 2-hour Omniglot run grew the norm 4x, 18.6 -> 71.7; the issue's cases: losses of
+# 1e13-1e21, weights near 1e15); training stops there
+DIVERGED = 100.0
 
 # figures of the inner and linear solves logged with every train row
 SOLVE_STATS = ("inner_grad_norm", "inner_converged", "cg_residual", "negative_curvature")
@@ -88,15 +95,49 @@ def _progress_line(cfg: TrainConfig, it: int, sec_per_it: float, elapsed: float,
             f"{elapsed / 60:.1f} min trained, about {left / 60:.0f} min left")
 
 
+class _LearnedLam:
+    """One λ per parameter tensor, learned in the outer loop (config ``learn_lam``): λ = exp(s),
+    Adam on s with ∂L/∂s_l = λ_l Σ_{i in tensor l} ∂L_test/∂λ_i, the gradient the implicit
+    layer gives (imaml.implicit)."""
+
+    def __init__(self, cfg: TrainConfig, model: FunctionalModel, device, state=None):
+        self.model = model
+        self.log_lam = torch.nn.Parameter(torch.full((len(model.numels),), math.log(cfg.lam),
+                                                     device=device))
+        self.opt = torch.optim.Adam([self.log_lam], lr=cfg.lam_lr)
+        if state is not None:
+            with torch.no_grad():
+                self.log_lam.copy_(state["log_lam"])
+            self.opt.load_state_dict(state["optimizer"])
+
+    def per_parameter(self) -> torch.Tensor:
+        return expand_lam(self.model, self.log_lam.detach().exp())
+
+    def step(self, lam_grad: torch.Tensor) -> None:
+        """An Adam step on s from the batch-mean ∂L_test/∂λ per parameter."""
+        per_tensor = torch.stack([c.sum() for c in torch.split(lam_grad, self.model.numels)])
+        self.log_lam.grad = (per_tensor * self.log_lam.detach().exp()).to(self.log_lam.dtype)
+        self.opt.step()
+
+    def values(self) -> Dict[str, float]:
+        return dict(zip(self.model.names, self.log_lam.detach().exp().tolist()))
+
+    def state(self) -> Dict[str, Any]:
+        return {"log_lam": self.log_lam.detach().clone(), "optimizer": self.opt.state_dict()}
+
+
 class _Run:
     """One run of meta-training: its state, and the steps ``train`` drives in order."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str, resume: bool, progress: bool, log,
-                 network: Optional[torch.nn.Module], samplers):
+                 network: Optional[torch.nn.Module], samplers, allow_change=()):
         self.cfg, self.out, self.log = cfg, Path(out_dir), log
+        self.allow_change = tuple(allow_change)
         self.device = resolve_device(cfg.device)
         self.rank, self.world = init_from_env(self.device)
         self.lead = self.rank == 0
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"the run folder {self.out} is a file; give --out a folder")
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -118,10 +159,11 @@ class _Run:
         torch.manual_seed(cfg.seed)
         net = network if network is not None else build_network(cfg.dataset, cfg.ways)
         self.net = net.to(self.device)
-        self.model = FunctionalModel(self.net)
+        self.model = FunctionalModel(self.net, adapt=adapt_names(cfg.method_config()))
         self.opt = (torch.optim.Adam(self.net.parameters(), lr=cfg.outer_lr) if cfg.outer == "adam"
                     else torch.optim.SGD(self.net.parameters(), lr=cfg.outer_lr))
         self.start, self.best, self.elapsed = 0, -1.0, 0.0
+        self.reference: Dict[str, float] = {}  # first loss and parameter norm (_check_finite)
         ck = self._resume() if resume else {}
         broadcast_parameters(self.net, self.world)
         if self.lead:
@@ -137,15 +179,22 @@ class _Run:
         self.train_tasks, self.val_tasks = samplers if samplers is not None else _samplers(cfg, quiet)
         self.method = build_method(cfg.method_config())
         self.eval_method = build_method(cfg.method_config(eval=True))
+        self.lam = None
+        if cfg.learn_lam:
+            self.lam = _LearnedLam(cfg, self.model, self.device, ck.get("learned_lam_state"))
+            self._use_lam()
         batching = cfg.batching if supports_batching(self.method) else "loop"
         if batching == "auto" and resume:
             batching = ck.get("batching", "auto")  # the choice made when the run started
         self.batching, self.warned = batching, False
 
+    def _use_lam(self) -> None:
+        self.method.lam = self.eval_method.lam = self.lam.per_parameter()
+
     def _resume(self) -> Dict[str, Any]:
         """Load last.pt into the network, the optimizer and the random-number state."""
         ck = load_checkpoint(self.last)
-        _check_resume_config(TrainConfig(**ck["config"]), self.cfg)
+        _check_resume_config(TrainConfig(**ck["config"]), self.cfg, self.allow_change)
         try:
             self.net.load_state_dict(ck["state_dict"])
         except RuntimeError as e:
@@ -153,21 +202,37 @@ class _Run:
         self.opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
         self.start, self.best, self.elapsed = ck["iteration"], ck["best_val"], ck["elapsed"]
+        self.reference = dict(ck.get("reference") or {})
         if self.lead:
             self.log(f"resuming {self.out} at iteration {self.start}"
                      + (f" on {self.world} processes" if self.world > 1 else ""))
         return ck
 
-    def _check_finite(self, iteration: int) -> None:
-        """Stop before a diverged model can be validated or written over a good checkpoint."""
-        if bool(torch.stack([torch.isfinite(p).all() for p in self.net.parameters()]).all()):
+    def _check_finite(self, iteration: int, loss: float) -> None:
+        """Stop before a diverged model can be validated or written over a good checkpoint: the
+        meta-parameters non-finite, their norm grown past DIVERGED times its start, or the
+        training loss past DIVERGED times its first value."""
+        norm = float(torch.linalg.vector_norm(self.model.theta()))
+        ref = self.reference
+        if not ref:  # the first iteration of a run: the yardsticks
+            ref.update(loss=loss, param_norm=norm)
+        what = None
+        if not math.isfinite(norm):
+            what = "made the meta-parameters non-finite"
+        elif norm > DIVERGED * max(ref["param_norm"], 1e-6):
+            what = (f"grew the meta-parameters' norm to {norm:.3g} ({norm / ref['param_norm']:.3g} "
+                    "times its start)")
+        elif loss > DIVERGED * max(ref["loss"], 1e-3):
+            what = f"left a training loss of {loss:.3g} ({loss / ref['loss']:.3g} times its first)"
+        if what is None:
             return
         kept = load_checkpoint(self.last)["iteration"] if self.last.exists() else None
         raise NonFiniteError(
-            f"the outer step of iteration {iteration} made the meta-parameters non-finite: the "
-            f"outer learning rate ({self.opt.param_groups[0]['lr']:.3g}) is too large for this "
+            f"the run diverged: the outer step of iteration {iteration} {what}: the outer "
+            f"learning rate ({self.opt.param_groups[0]['lr']:.3g}) is too large for this "
             "meta-gradient; lower outer_lr (or use Adam)"
-            + (f". last.pt still holds iteration {kept}" if kept is not None else ""))
+            + (f". last.pt still holds iteration {kept}, which --resume continues with a lower "
+               "rate given with --allow-change outer_lr" if kept is not None else ""))
 
     def save(self, path: Path, iteration: int) -> None:
         if not self.lead:
@@ -178,7 +243,9 @@ class _Run:
                         config=dataclasses.asdict(cfg), iteration=iteration,
                         batching=self.batching, optimizer=self.opt.state_dict(),
                         rng=torch.get_rng_state(), best_val=self.best, elapsed=self.elapsed,
-                        tasks_drawn=iteration * cfg.meta_batch)
+                        tasks_drawn=iteration * cfg.meta_batch, reference=self.reference,
+                        **({"learned_lam": list(self.lam.values().values()),
+                            "learned_lam_state": self.lam.state()} if self.lam else {}))
 
     def validate(self, iteration: int, write) -> None:
         """Meta-validation of the current model; best.pt when it is the best so far."""
@@ -191,6 +258,9 @@ class _Run:
             self.best = res.mean
             self.save(self.out / "best.pt", iteration)
         write(f"iteration {iteration}: meta-val accuracy {res}")
+        if self.lam is not None:
+            write(f"iteration {iteration}: λ per parameter tensor "
+                  + " ".join(f"{v:.3g}" for v in self.lam.values().values()))
         if res.inner_warning and not self.warned:  # once per run: the run goes on
             write(f"iteration {iteration}: {res.inner_warning}")
             self.warned = True
@@ -210,8 +280,13 @@ class _Run:
                                       self.rank, self.world)
         for group in self.opt.param_groups:
             group["lr"] = outer_lr_at(self.cfg, it, trained)
+        if self.lam is not None:  # [∂/∂θ, ∂/∂λ] (imaml.distributed.local_sums)
+            g, lam_grad = g[:self.model.num_params], g[self.model.num_params:]
         apply_meta_gradient(self.model, self.opt, g)
-        self._check_finite(it)
+        if self.lam is not None:
+            self.lam.step(lam_grad)
+            self._use_lam()
+        self._check_finite(it, stats["loss"])
         dt = time.perf_counter() - t0
         self.elapsed += dt
         return g, stats, dt
@@ -228,27 +303,39 @@ class _Run:
         plot_curves(self.out)
         summary = {"iterations": it, "train_minutes": self.elapsed / 60, "best_val": self.best,
                    "threads": torch.get_num_threads(), "processes": self.world}
+        if self.lam is not None:
+            summary["learned_lam"] = self.lam.values()
         write_json_atomic(summary, self.out / "train_summary.json")
         return summary
 
 
-def _check_resume_config(saved: TrainConfig, cfg: TrainConfig) -> None:
-    """A resumed run may change only what does not change its results."""
+# what --allow-change may change on resume, at the user's explicit request (after divergence)
+RATES = ("outer_lr", "outer_lr_min", "inner_lr", "lam_lr")
+
+
+def _check_resume_config(saved: TrainConfig, cfg: TrainConfig, allow=()) -> None:
+    """A resumed run may change only what does not change its results, and the rates named in
+    ``allow`` (a deliberate change, for a run that diverged)."""
+    bad = sorted(set(allow) - set(RATES))
+    if bad:
+        raise ValueError(f"--allow-change accepts {', '.join(RATES)}; got {', '.join(bad)}")
     diff = {k: (v, getattr(cfg, k)) for k, v in dataclasses.asdict(saved).items()
             if getattr(cfg, k) != v}
-    changeable = {"meta_iters", "max_minutes", "threads", "data_dir", "batching", "device"}
+    changeable = {"meta_iters", "max_minutes", "threads", "data_dir", "batching", "device",
+                  *allow}
     if cfg.lr_schedule == "cosine":  # the schedule is laid over meta_iters
         changeable.discard("meta_iters")
     if cfg.lr_schedule == "cosine-time":  # ... or over max_minutes
         changeable.discard("max_minutes")
     if set(diff) - changeable:
         raise ValueError(f"--resume with a different config: {diff}; only "
-                         f"{sorted(changeable)} may change on resume")
+                         f"{sorted(changeable)} may change on resume (and, named with "
+                         f"--allow-change, {', '.join(RATES)})")
 
 
 def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool = True,
           log=print, progress_every_s: float = 60.0, network: Optional[torch.nn.Module] = None,
-          samplers=None) -> Dict[str, Any]:
+          samplers=None, allow_change=()) -> Dict[str, Any]:
     """Run (or resume) meta-training; returns a summary (also in out_dir/train_summary.json).
 
     With ``progress``, a terminal gets a progress bar; output that is not a terminal (a log
@@ -257,8 +344,10 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, progress: bool =
     (default: the config's meta-train and meta-val splits) let a caller train its own model on
     its own tasks: anything with ``batch(indices) -> TaskBatch``; such a checkpoint is loaded
     back with ``load_state_dict`` into the same network, not with ``MetaModel.load``.
+    ``allow_change`` names rates (``RATES``) that a resumed run may change, for a run that
+    diverged and continues from its last good checkpoint with a lower rate.
     """
-    run = _Run(cfg, out_dir, resume, progress, log, network, samplers)
+    run = _Run(cfg, out_dir, resume, progress, log, network, samplers, allow_change)
     try:
         return _loop(run, progress_every_s)
     finally:

@@ -27,11 +27,20 @@ class SinusoidTasks:
             raise ValueError(f"shots and queries must be at least 1, got {shots} and {queries}")
         self.shots, self.queries, self.seed, self.dtype = shots, queries, seed, dtype
 
-    def sample(self, index: int) -> Task:
-        """Task number ``index``."""
+    def _draw(self, index: int):
         g = torch.Generator().manual_seed(_mix(self.seed, index))
         amplitude = 0.1 + 4.9 * torch.rand((), generator=g, dtype=torch.float64)
         phase = math.pi * torch.rand((), generator=g, dtype=torch.float64)
+        return amplitude, phase, g
+
+    def parameters(self, index: int):
+        """(amplitude A, phase b) of task number ``index``."""
+        amplitude, phase, _ = self._draw(index)
+        return float(amplitude), float(phase)
+
+    def sample(self, index: int) -> Task:
+        """Task number ``index``."""
+        amplitude, phase, g = self._draw(index)
         x = 10 * torch.rand(self.shots + self.queries, 1, generator=g, dtype=torch.float64) - 5
         y = amplitude * torch.sin(x - phase)
         x, y = x.to(self.dtype), y.to(self.dtype)
