@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from imaml import (FOMAML, IMAML, MAML, FunctionalModel, GradientDescent, NewtonCG, Task,
-                   TaskBatch, implicit_solution)
+from imaml import (FOMAML, IMAML, MAML, FunctionalModel, GradientDescent, NewtonCG, Reptile, Task,
+                   TaskBatch, TruncatedMAML, implicit_solution)
 from imaml.batched import batch_meta_gradient
 from imaml.registry import adapt_names
 
@@ -156,3 +156,16 @@ def test_implicit_layer_takes_and_returns_parameter_dicts():
     fm.loss(fm.flatten(phi_dict), task.x_query, task.y_query).backward()
     assert torch.allclose(fm.flatten({n: p.grad for n, p in params.items()}), flat.grad,
                           rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", [
+    IMAML(inner=GradientDescent(lr=0.3, steps=5)), MAML(inner=GradientDescent(lr=0.3, steps=3)),
+    FOMAML(inner=GradientDescent(lr=0.3, steps=3)), Reptile(inner=GradientDescent(lr=0.3, steps=3)),
+    TruncatedMAML(inner=GradientDescent(lr=0.3, steps=4), truncate=2),
+], ids=lambda m: type(m).__name__)
+def test_methods_take_theta_as_a_parameter_dict(method):
+    fm, task = FunctionalModel(mlp(9)), make_task(10)
+    flat = method.meta_gradient(fm, fm.theta(), task)
+    as_dict = method.meta_gradient(fm, fm.unflatten(fm.theta()), task)
+    assert torch.equal(flat.grad, as_dict.grad) and torch.equal(flat.phi, as_dict.phi)
+    assert set(fm.unflatten(as_dict.grad)) == set(fm.names)

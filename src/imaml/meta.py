@@ -62,6 +62,12 @@ def accuracy_of(logits: Tensor, y: Tensor) -> Optional[float]:
     return None
 
 
+def flat_theta(model: FunctionalModel, theta) -> Tensor:
+    """θ as the flat vector the methods work on: given flat, or as a name -> tensor dict in
+    the model's layout (the meta-gradient comes back flat: ``model.unflatten(res.grad)``)."""
+    return model.flatten(theta) if isinstance(theta, dict) else theta
+
+
 def _check_lam(lam, positive: bool) -> None:
     if isinstance(lam, Tensor):  # iMAML: one λ per parameter
         if lam.dim() != 1 or not bool(torch.isfinite(lam).all()) or not bool((lam > 0).all()):
@@ -86,8 +92,9 @@ class _Method:
         return inner_problem(model, x, y, theta, self.lam, self.curvature)
 
     def adapt(self, model: FunctionalModel, theta: Tensor, x: Tensor, y: Tensor) -> InnerResult:
-        """Adapt θ to a support set (no meta-gradient): the inner solve alone."""
-        theta = theta.detach()
+        """Adapt θ (flat, or a name -> tensor dict) to a support set (no meta-gradient): the
+        inner solve alone."""
+        theta = flat_theta(model, theta).detach()
         with torch.no_grad():
             return self.inner.solve(self.support_problem(model, theta, x, y), theta)
 
@@ -181,7 +188,7 @@ class IMAML(_Method):
         """The task meta-gradient, through the implicit layer (``imaml.implicit_solution``): φ
         from the inner solver, the query loss at φ, and its gradient with respect to θ by the
         layer's linear solve (I + H/λ) g = ∇L_test(φ)."""
-        theta = theta.detach().requires_grad_(True)
+        theta = flat_theta(model, theta).detach().requires_grad_(True)
         lam = torch.as_tensor(self.lam, dtype=theta.dtype, device=theta.device)
         lam = lam.detach().clone().requires_grad_(True)
         record = {}
@@ -214,7 +221,7 @@ class MAML(_Baseline):
             raise ValueError("MAML back-propagates through GradientDescent or Nesterov only")
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
-        theta = theta.detach().requires_grad_(True)
+        theta = flat_theta(model, theta).detach().requires_grad_(True)
         with torch.enable_grad():
             inner = self.inner.solve(self.problem(model, theta, task), theta)
             logits = model.forward(inner.phi, task.x_query)
@@ -241,7 +248,7 @@ class TruncatedMAML(_Baseline):
                              f"got {self.truncate}")
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
-        theta = theta.detach().requires_grad_(True)
+        theta = flat_theta(model, theta).detach().requires_grad_(True)
         problem = self.problem(model, theta, task)
         head = self.inner.steps - self.truncate
         with torch.no_grad():
@@ -277,6 +284,7 @@ class Reptile(_Baseline):
     """Reptile: g = θ − φ_K after inner steps on the support set."""
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
+        theta = flat_theta(model, theta)
         inner = self.adapt(model, theta, task.x_support, task.y_support)
         with torch.no_grad():
             logits = model.forward(inner.phi, task.x_query)
