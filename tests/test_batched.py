@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from imaml import (FOMAML, IMAML, MAML, FunctionalModel, GradientDescent, Nesterov, NewtonCG,
-                   Reptile, TruncatedMAML, conv4)
+from imaml import (FOMAML, IMAML, MAML, Adam, FunctionalModel, GradientDescent, Nesterov,
+                   NewtonCG, Reptile, TruncatedMAML, conv4)
 from imaml.batched import batch_meta_gradient, supports_batching
 from imaml.data.sampler import TaskBatch
 
@@ -33,6 +33,7 @@ METHODS = [
     MAML(inner=GradientDescent(lr=0.1, steps=3), lam=1.0),
     FOMAML(inner=GradientDescent(lr=0.1, steps=3)),
     Reptile(inner=GradientDescent(lr=0.1, steps=3)),
+    Reptile(inner=Adam(lr=0.01, steps=4, batch_size=4)),  # Reptile's inner loop: mini-batches
 ]
 
 
@@ -42,7 +43,10 @@ def test_batched_equals_loop(method):
     r = batch_meta_gradient(method, fm, theta, tb)
     loop = [method.meta_gradient(fm, theta, t) for t in tb.tasks()]
     ref = torch.stack([x.grad for x in loop])
-    assert float((r.grads - ref).norm() / ref.norm()) < 1e-9
+    # Adam divides by √v: where a gradient is rounding noise (the convolution biases, which
+    # batch norm cancels) the two summation orders part by more than elsewhere
+    tol = 1e-7 if isinstance(method.inner, Adam) else 1e-9
+    assert float((r.grads - ref).norm() / ref.norm()) < tol
     assert torch.allclose(r.query_loss, torch.tensor([x.query_loss for x in loop], dtype=torch.float64))
     assert torch.allclose(r.query_accuracy, torch.tensor([x.query_accuracy for x in loop]))
     assert torch.allclose(r.grad, ref.mean(0))

@@ -169,3 +169,31 @@ def test_newton_cg_warm_started_line_search_saves_evaluations():
     assert warm.steps == cold.steps == 30
     assert warm.evaluations < cold.evaluations
     assert float(problem.value(warm.phi)) <= float(problem.value(cold.phi)) * 1.05
+
+
+def test_adam_equals_torch_adam_and_its_mini_batches_partition_the_support_set():
+    """Adam as Reptile's inner loop: the full-batch iterates equal torch.optim.Adam(betas=(0,
+    0.999)) on G; the mini-batch gradients of one epoch average to the full gradient."""
+    from imaml import Adam
+    from imaml.functional import inner_problem
+    torch.manual_seed(0)
+    fm = FunctionalModel(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double())
+    x, y = torch.randn(20, 4, dtype=torch.float64), torch.arange(4).repeat(5) % 3
+    theta = fm.theta()
+    problem = inner_problem(fm, x, y, theta, 0.5)
+    ours = Adam(lr=0.01, steps=7, beta1=0.0).solve(problem, theta)
+    p = theta.clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=0.01, betas=(0.0, 0.999), eps=1e-8)
+    for _ in range(7):
+        opt.zero_grad()
+        problem.value(p).backward()
+        opt.step()
+    assert torch.allclose(ours.phi, p.detach(), rtol=1e-12, atol=1e-14)
+    assert ours.steps == 7 and ours.stop_reason == "step_cap"
+    # 4 batches of 5 cover the 20 examples once: their loss gradients average to the full one
+    phi = theta + 0.1
+    mean = sum(problem.batch_grad(phi, k, 5) for k in range(4)) / 4
+    assert torch.allclose(mean, problem.grad(phi), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(problem.batch_grad(phi, 0, 5), problem.grad(phi))
+    assert torch.equal(problem.batch_grad(phi, 3, 20), problem.grad(phi))  # a batch of all
+    assert torch.equal(problem.batch_grad(phi, 0, 5), problem.batch_grad(phi, 4, 5))  # cycles

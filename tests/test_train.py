@@ -381,3 +381,26 @@ def test_adapt_config_trains_the_body_as_meta_only(tmp_path):
         train(load_config(None, SYNTH + ["meta_iters=1", "adapt=head"]), str(tmp_path / "bad"),
               progress=False, network=conv4(1, 3, hidden=8, image_size=8),
               samplers=synthetic_samplers())
+
+
+def test_reptile_settings_linear_schedule_train_shots_and_adam(monkeypatch):
+    from imaml import Adam, Reptile
+    from imaml.registry import build_method
+    from imaml.train import _samplers
+    cfg = load_config(None, ["method=reptile", "inner_optimizer=adam", "inner_lr=0.001",
+                             "inner_steps=5", "inner_batch=10", "train_shots=3",
+                             "lr_schedule=linear", "outer=sgd", "outer_lr=1.0",
+                             "outer_lr_min=0", "meta_iters=101"])
+    m = build_method(cfg.method_config())
+    assert isinstance(m, Reptile) and isinstance(m.inner, Adam) and m.inner.batch_size == 10
+    assert [outer_lr_at(cfg, i) for i in (1, 51, 101)] == [1.0, 0.5, 0.0]
+    timed = load_config(None, ["lr_schedule=linear-time", "max_minutes=10", "outer_lr=1",
+                               "outer_lr_min=0"])
+    assert outer_lr_at(timed, 7, elapsed=150.0) == pytest.approx(0.75)
+    # the meta-train split gets train_shots, meta-val the evaluation's shots
+    import imaml.data
+    monkeypatch.setattr(imaml.data, "load_split", lambda *a, **k: synthetic_samplers()[0].classes)
+    train, val = _samplers(cfg, None)
+    assert (train.shots, val.shots) == (3, 1)
+    with pytest.raises(ValueError, match="inner_optimizer 'adam' is for fomaml and reptile"):
+        load_config(None, ["method=imaml-gd", "inner_optimizer=adam"])

@@ -19,7 +19,7 @@ from torch.func import grad_and_value, vmap
 
 from .functional import FunctionalModel, check_finite, curvature_product
 from .implicit import adjoint_solve
-from .inner import GradientDescent, Nesterov
+from .inner import Adam, GradientDescent, Nesterov
 from .linear import LINEAR_SOLVERS, NegativeCurvatureError
 from .meta import FOMAML, IMAML, MAML, Reptile
 
@@ -47,7 +47,9 @@ class BatchMetaGradient:
 
 def supports_batching(method) -> bool:
     inner = getattr(method, "inner", None)
-    if isinstance(method, (IMAML, FOMAML, Reptile)):
+    if isinstance(method, (FOMAML, Reptile)):
+        return isinstance(inner, (GradientDescent, Nesterov, Adam))
+    if isinstance(method, IMAML):
         return isinstance(inner, (GradientDescent, Nesterov))
     if isinstance(method, MAML):
         return isinstance(inner, GradientDescent)

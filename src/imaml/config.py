@@ -24,6 +24,7 @@ class TrainConfig:
     ways: int = 5
     shots: int = 1
     queries: int = 1            # query images per class in meta-training tasks
+    train_shots: Optional[int] = None  # support images per class in meta-training tasks (null: shots; Reptile trains with 10)
     eval_queries: int = 5       # ... and in validation / test tasks
     # method (see imaml.checkpoint.build_method)
     method: str = "imaml-gd"
@@ -33,6 +34,10 @@ class TrainConfig:
     inner_tol: float = 0.0      # δ: stop the inner solve at ‖∇G‖ ≤ lam·inner_tol
     inner_adaptive: bool = False  # accept/reject step sizing from inner_lr (imaml.inner)
     inner_step_rule: str = "grow"  # adaptive GD: 'grow' (x1.1 per accepted step) or 'bb' (Barzilai–Borwein)
+    # FOMAML and Reptile: 'gd', or 'adam' (β1 0, β2 0.999, fresh per task, as Reptile) on
+    # mini-batches of inner_batch support examples (null: all)
+    inner_optimizer: str = "gd"
+    inner_batch: Optional[int] = None
     momentum: float = 0.9
     hf_steps: int = 5
     cg_iters: int = 5
@@ -53,7 +58,8 @@ class TrainConfig:
     outer: str = "adam"
     outer_lr: float = 1e-3
     # 'constant'; 'cosine': outer_lr -> outer_lr_min over meta_iters; 'cosine-time': the same
-    # cosine laid over max_minutes of training time, so a time-budgeted run ends its decay
+    # cosine laid over max_minutes of training time, so a time-budgeted run ends its decay;
+    # 'linear', 'linear-time': the same, linearly (Reptile's meta step size)
     lr_schedule: str = "constant"
     outer_lr_min: float = 0.0
     meta_batch: int = 32
@@ -80,7 +86,8 @@ class TrainConfig:
                 "cg_max_iter": self.cg_max_iter, "curvature": self.curvature,
                 "linear_solver": self.linear_solver,
                 "truncate": self.truncate,
-                "prox_lam": self.prox_lam, "adapt": self.adapt}
+                "prox_lam": self.prox_lam, "adapt": self.adapt,
+                "inner_optimizer": self.inner_optimizer, "inner_batch": self.inner_batch}
 
     def validate(self) -> None:
         if self.dataset not in ("omniglot", "miniimagenet"):
@@ -112,13 +119,17 @@ class TrainConfig:
         if not (self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
                                                            and self.device[5:].isdigit())):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.inner_optimizer not in ("gd", "adam"):
+            raise ValueError(f"inner_optimizer must be 'gd' or 'adam', got {self.inner_optimizer!r}")
         if self.linear_solver not in ("cg", "minres"):
             raise ValueError(f"linear_solver must be 'cg' or 'minres', got {self.linear_solver!r}")
-        if self.lr_schedule not in ("constant", "cosine", "cosine-time"):
-            raise ValueError(f"lr_schedule must be 'constant', 'cosine' or 'cosine-time', "
-                             f"got {self.lr_schedule!r}")
-        if self.lr_schedule == "cosine-time" and not self.max_minutes:
-            raise ValueError("lr_schedule 'cosine-time' is laid over max_minutes: set max_minutes")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.lr_schedule.endswith("-time") and not self.max_minutes:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} is laid over max_minutes: set "
+                             "max_minutes")
+        if self.train_shots is not None and self.train_shots < 1:
+            raise ValueError(f"train_shots must be at least 1 (or null: shots), got {self.train_shots}")
         if not 0 <= self.outer_lr_min <= self.outer_lr:
             raise ValueError(f"outer_lr_min must lie in [0, outer_lr], got {self.outer_lr_min}")
         build_method(self.method_config())  # the method's own checks (lam > 0, ...)
@@ -188,17 +199,24 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     return cfg
 
 
+LR_SCHEDULES = ("constant", "cosine", "cosine-time", "linear", "linear-time")
+
+
 def outer_lr_at(cfg: TrainConfig, iteration: int, elapsed: float = 0.0) -> float:
-    """The outer learning rate of iteration ``iteration`` (1-based): constant, or cosine from
-    ``outer_lr`` at the first iteration to ``outer_lr_min`` at ``meta_iters`` ('cosine': a
-    function of the iteration alone, so a resumed run follows the same schedule) or at
-    ``max_minutes`` of training time ('cosine-time': a function of the ``elapsed`` training
-    seconds before the iteration, which the checkpoint keeps; timings differ from run to run,
-    so such a run is not bit-reproducible)."""
-    if cfg.lr_schedule == "constant" or (cfg.lr_schedule == "cosine" and cfg.meta_iters == 1):
+    """The outer learning rate of iteration ``iteration`` (1-based): constant, or cosine (or
+    linear: 'linear', 'linear-time') from ``outer_lr`` at the first iteration to
+    ``outer_lr_min`` at ``meta_iters`` ('cosine': a function of the iteration alone, so a
+    resumed run follows the same schedule) or at ``max_minutes`` of training time
+    ('cosine-time': a function of the ``elapsed`` training seconds before the iteration, which
+    the checkpoint keeps; timings differ from run to run, so such a run is not
+    bit-reproducible)."""
+    if cfg.lr_schedule == "constant" or (not cfg.lr_schedule.endswith("-time")
+                                         and cfg.meta_iters == 1):
         return cfg.outer_lr
-    if cfg.lr_schedule == "cosine-time":
+    if cfg.lr_schedule.endswith("-time"):
         frac = min(1.0, elapsed / (60 * cfg.max_minutes))
     else:
         frac = (iteration - 1) / (cfg.meta_iters - 1)
+    if cfg.lr_schedule.startswith("linear"):  # Reptile's meta step size (Nichol et al. 2018)
+        return cfg.outer_lr + (cfg.outer_lr_min - cfg.outer_lr) * frac
     return cfg.outer_lr_min + 0.5 * (cfg.outer_lr - cfg.outer_lr_min) * (1 + math.cos(math.pi * frac))

@@ -203,7 +203,7 @@ class ProximalProblem:
 
     def __init__(self, loss: Callable[[Tensor], Tensor], theta: Tensor, lam,
                  curvature: Optional[Callable[[Tensor], Callable[[Tensor], Tensor]]] = None,
-                 mask: Optional[Tensor] = None):
+                 mask: Optional[Tensor] = None, subset=None, examples: int = 0):
         if isinstance(lam, Tensor) and lam.dim() > 0:
             if lam.shape != theta.shape:
                 raise ValueError(f"a per-parameter lam must have θ's shape {tuple(theta.shape)}, "
@@ -220,6 +220,7 @@ class ProximalProblem:
             raise ValueError(f"mask must have θ's shape {tuple(theta.shape)}, got {tuple(mask.shape)}")
         self.loss, self.theta, self.lam, self.curvature = loss, theta, lam, curvature
         self.mask = mask
+        self.subset, self.examples = subset, examples
 
     def _restrict(self, v: Tensor) -> Tensor:
         return v if self.mask is None else self.mask * v
@@ -237,6 +238,19 @@ class ProximalProblem:
         """(G(φ), ∇G(φ)) from one forward and one backward pass."""
         g, value = grad_and_value(self.value)(phi)
         return value, self._restrict(g)
+
+    def batch_grad(self, phi: Tensor, k: int, size: int) -> Tensor:
+        """∇G on the k-th mini-batch of ``size`` support examples: consecutive slices of one
+        fixed shuffled order of the examples, cycling through it (the full gradient when the
+        problem was built without its examples, or ``size`` covers them all)."""
+        n = self.examples
+        if self.subset is None or size >= n:
+            return self.grad(phi)
+        # a fixed pseudo-random order (Knuth's multiplicative hash; no random op, so it runs
+        # under vmap and is the same for every task)
+        order = ((torch.arange(n) * 2654435761) % 2 ** 32).argsort()
+        idx = order[torch.arange(k * size, (k + 1) * size) % n].to(phi.device)
+        return self._restrict(grad(self.subset(idx))(phi) + self.lam * (phi - self.theta))
 
     def hvp(self, phi: Tensor, mode: str = DEFAULT_HVP) -> Callable[[Tensor], Tensor]:
         """v -> ∇²G(φ) v = H v + λ v (H replaced by ``curvature(φ)`` when given)."""
@@ -258,8 +272,10 @@ def inner_problem(model: FunctionalModel, x, y: Tensor, theta: Tensor, lam,
     if curvature not in ("hessian", "ggn"):
         raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
     ggn = (lambda phi: make_ggn(model, x, y, phi)) if curvature == "ggn" else None
+    from .tasks import _map
+    subset = lambda idx: task_loss(model, _map(lambda t: t[idx], x), y[idx])  # noqa: E731
     return ProximalProblem(task_loss(model, x, y), theta, lam, curvature=ggn,
-                           mask=model.adapt_mask)
+                           mask=model.adapt_mask, subset=subset, examples=y.shape[0])
 
 
 def curvature_product(model: FunctionalModel, x, y: Tensor, phi: Tensor,

@@ -26,11 +26,11 @@ from torch.func import grad_and_value
 from .functional import (DEFAULT_HVP, FunctionalModel, ProximalProblem, check_finite,
                          curvature_product, inner_problem)
 from .implicit import implicit_solution
-from .inner import GradientDescent, InnerResult, Nesterov, NewtonCG
+from .inner import Adam, GradientDescent, InnerResult, Nesterov, NewtonCG
 from .tasks import Task
 from .linear import CG_POLICIES, LINEAR_SOLVERS, CGResult
 
-InnerSolver = Union[GradientDescent, Nesterov, NewtonCG]
+InnerSolver = Union[GradientDescent, Nesterov, NewtonCG, Adam]
 
 
 @dataclass

@@ -5,7 +5,7 @@ from typing import Any, Dict
 
 import torch
 
-from .inner import GradientDescent, Nesterov, NewtonCG
+from .inner import Adam, GradientDescent, Nesterov, NewtonCG
 from .meta import FOMAML, IMAML, MAML, Reptile, TruncatedMAML
 from .models import miniimagenet_conv4, omniglot_conv4
 
@@ -18,10 +18,15 @@ def build_method(cfg: Dict[str, Any]):
     inner_steps, inner_tol, inner_adaptive (accept/reject step sizing), inner_step_rule ('grow' or
     'bb': how gradient descent sizes adaptive steps), momentum, hf_steps,
     cg_iters, cg_max_iter, curvature ('hessian' or 'ggn', iMAML's linear system),
+    inner_optimizer ('gd', or 'adam' for FOMAML and Reptile) and inner_batch (its mini-batch),
     linear_solver ('cg' or 'minres'), truncate, prox_lam (the baselines' proximal λ, 0 by
     default). ``adapt`` (which parameters the inner loop adapts) belongs to the model:
     ``adapt_names`` reads it for ``FunctionalModel``."""
     name = cfg.get("name")
+    adam_inner = cfg.get("inner_optimizer", "gd") == "adam"
+    if adam_inner and name not in ("fomaml", "reptile"):
+        raise ValueError(f"inner_optimizer 'adam' is for fomaml and reptile (first-order "
+                         f"methods); {name!r} uses its own inner solver")
     lam, lr, steps = cfg.get("lam", 2.0), cfg.get("inner_lr", 0.1), cfg.get("inner_steps", 16)
     tol, cg = cfg.get("inner_tol", 0.0), cfg.get("cg_max_iter", 5)
     adaptive = cfg.get("inner_adaptive", False)
@@ -39,6 +44,9 @@ def build_method(cfg: Dict[str, Any]):
         hf = NewtonCG(steps=cfg.get("hf_steps", 5), cg_iters=cfg.get("cg_iters", 5), tol=tol)
         return IMAML(lam=lam, inner=hf, **system)
     outer_lam = cfg.get("prox_lam", 0.0)  # baselines: plain inner loop unless asked
+    if adam_inner:
+        adam = Adam(lr=lr, steps=steps, batch_size=cfg.get("inner_batch"))
+        return (FOMAML if name == "fomaml" else Reptile)(inner=adam, lam=outer_lam)
     if name == "maml":
         return MAML(inner=gd, lam=outer_lam)
     if name == "maml-nesterov":

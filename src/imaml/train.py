@@ -41,18 +41,20 @@ DIVERGED = 100.0
 SOLVE_STATS = ("inner_grad_norm", "inner_converged", "cg_residual", "negative_curvature")
 
 
-def task_sampler(cfg: TrainConfig, split: str, queries: int, seed: int, progress=None):
+def task_sampler(cfg: TrainConfig, split: str, queries: int, seed: int, progress=None,
+                 shots: Optional[int] = None):
     """The task sampler of one split of the config's dataset (training and validation use
-    seeds ``cfg.seed`` and ``cfg.seed + 1``, the final test seed 0)."""
+    seeds ``cfg.seed`` and ``cfg.seed + 1``, the final test seed 0), with ``shots`` support
+    images per class (default ``cfg.shots``)."""
     from .data import TaskSampler, load_split
     kw = {"kind": cfg.omniglot_split} if cfg.dataset == "omniglot" else {}
     classes = load_split(cfg.dataset, split, cfg.data_dir, progress=progress or (lambda m: None),
                          **kw)
-    return TaskSampler(classes, cfg.ways, cfg.shots, queries, seed=seed)
+    return TaskSampler(classes, cfg.ways, shots or cfg.shots, queries, seed=seed)
 
 
 def _samplers(cfg: TrainConfig, progress):
-    return (task_sampler(cfg, "meta_train", cfg.queries, cfg.seed, progress),
+    return (task_sampler(cfg, "meta_train", cfg.queries, cfg.seed, progress, cfg.train_shots),
             task_sampler(cfg, "meta_val", cfg.eval_queries, cfg.seed + 1, progress))
 
 
@@ -323,9 +325,9 @@ def _check_resume_config(saved: TrainConfig, cfg: TrainConfig, allow=()) -> None
             if getattr(cfg, k) != v}
     changeable = {"meta_iters", "max_minutes", "threads", "data_dir", "batching", "device",
                   *allow}
-    if cfg.lr_schedule == "cosine":  # the schedule is laid over meta_iters
+    if cfg.lr_schedule in ("cosine", "linear"):  # the schedule is laid over meta_iters
         changeable.discard("meta_iters")
-    if cfg.lr_schedule == "cosine-time":  # ... or over max_minutes
+    if cfg.lr_schedule.endswith("-time"):  # ... or over max_minutes
         changeable.discard("max_minutes")
     if set(diff) - changeable:
         raise ValueError(f"--resume with a different config: {diff}; only "
