@@ -111,3 +111,17 @@ def test_per_parameter_lambda_batched_equals_loop():
     ref = torch.stack([x.lam_grad for x in loop])
     assert ref.shape == r.lam_grads.shape == (3, theta.numel())
     assert float((r.lam_grads - ref).norm() / ref.norm()) < 1e-9
+
+
+def test_batched_adaptive_solve_leaves_once_every_task_has_converged():
+    from imaml.batched import _inner_states
+    fm, theta, tb = setup(B=4, seed=5)
+    # (a ReLU network on random images: ‖∇G‖ stalls near its kinks, so a loose δ)
+    method = IMAML(inner=GradientDescent(lr=0.3, steps=200, adaptive=True, tol=0.5,
+                                         step_rule="bb"), linear_solver="minres")
+    states = _inner_states(method, fm, theta, tb)
+    loop = [method.inner.solve(method.problem(fm, theta, t), theta) for t in tb.tasks()]
+    assert all(r.converged for r in loop) and bool(states.converged.all())
+    # the batch stopped at the slowest task's last iteration, not at the step cap of 200
+    assert states.history.shape[1] == 1 + max(r.steps + r.rejected for r in loop) < 201
+    assert torch.allclose(states.phi, torch.stack([r.phi for r in loop]), rtol=1e-9, atol=1e-12)

@@ -180,3 +180,62 @@ def test_an_out_that_is_a_file_is_named(tmp_path, capsys):
     assert cli.main(["train", "meta_iters=1", "--no-test", "--out", str(afile)]) == 2
     err = capsys.readouterr().err
     assert f"the run folder {afile} is a file" in err and "Traceback" not in err
+
+
+DRIVER = '''
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_train import SYNTH, synthetic_samplers
+from imaml import conv4
+from imaml.train import load_config, train
+torch.manual_seed(0)
+cfg = load_config(None, SYNTH + ["meta_iters=400", "checkpoint_every=7", "val_every=50",
+                                 "val_tasks=4", "inner_adaptive=false", "inner_tol=0",
+                                 "inner_steps=2", "meta_batch=2"])
+train(cfg, sys.argv[1], resume=sys.argv[2] == "resume", progress=False,
+      network=conv4(1, 3, hidden=8, image_size=8), samplers=synthetic_samplers())
+'''
+
+
+def test_repeated_sigkills_leave_a_whole_history_identical_to_an_uninterrupted_run(tmp_path):
+    """SIGKILL at random moments (in steps, checkpoint writes, metrics appends), resume, again
+    and again over a 400-iteration run: the history ends complete and equal, row for row, to
+    the run that was never killed."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(tests=str(Path(__file__).parent)))
+
+    def rows(run):
+        return [(r["iteration"], r["split"], r["loss"], r["accuracy"], r["grad_norm"])
+                for r in read_metrics(run)]
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    subprocess.run([sys.executable, str(driver), str(ref), "new"], check=True)
+    rng, kills = random.Random(0), 0
+    mode = "new"
+    for attempt in range(40):
+        proc = subprocess.Popen([sys.executable, str(driver), str(run), mode],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        mode = "resume" if (run / "last.pt").exists() else "new"
+        try:
+            proc.wait(timeout=rng.uniform(2.0, 6.0))  # import, data, a few dozen iterations
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            mode = "resume" if (run / "last.pt").exists() else "new"
+            if mode == "new":  # killed before its first checkpoint: start afresh
+                import shutil
+                shutil.rmtree(run, ignore_errors=True)
+            continue
+        assert proc.returncode == 0
+        break
+    else:
+        raise AssertionError("the run never finished")
+    assert kills >= 3, "too few kills to test anything: lengthen the run"
+    assert rows(run) == rows(ref) and len([r for r in rows(ref) if r[1] == "train"]) == 400

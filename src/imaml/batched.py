@@ -4,7 +4,9 @@ Nothing is re-implemented here: the inner solvers (``GradientDescent.state``,
 ``Nesterov.state``) and the linear solvers (``cg_state``, ``minres_state``) are the same code
 the per-task path runs, called with ``early_stop=False``: under ``vmap`` control flow cannot
 depend on data, so every task runs the same number of iterations and a task that has finished
-is frozen by masking. The results equal the per-task loop up to floating-point summation order
+is frozen by masking. Adaptive gradient descent with a tolerance is driven one vmapped
+iteration at a time (``adaptive_start``/``adaptive_step``), so the batch leaves its loop as soon
+as every task has converged. The results equal the per-task loop up to floating-point summation order
 (tested in float64). Newton-CG's line search is data-dependent and is not batched:
 ``supports_batching`` says False and callers fall back to the loop.
 """
@@ -19,7 +21,7 @@ from torch.func import grad_and_value, vmap
 
 from .functional import FunctionalModel, check_finite, curvature_product
 from .implicit import adjoint_solve
-from .inner import Adam, GradientDescent, Nesterov
+from .inner import Adam, GradientDescent, InnerState, Nesterov
 from .linear import LINEAR_SOLVERS, NegativeCurvatureError
 from .meta import FOMAML, IMAML, MAML, Reptile
 
@@ -56,6 +58,26 @@ def supports_batching(method) -> bool:
     return False
 
 
+def _inner_states(method, model: FunctionalModel, theta: Tensor, batch) -> InnerState:
+    """The inner solves of every task of ``batch``, stacked. Adaptive gradient descent with a
+    tolerance runs one vmapped iteration at a time and stops as soon as every task has met it
+    (a finished task is frozen by masking meanwhile, so each result equals its own solve);
+    otherwise all ``steps`` run in one vmapped call."""
+    inner, xs, ys = method.inner, batch.x_support, batch.y_support
+    problem = lambda x, y: method.support_problem(model, theta, x, y)  # noqa: E731
+    if not (isinstance(inner, GradientDescent) and inner.adaptive and inner.tol > 0):
+        return vmap(lambda x, y: inner.state(problem(x, y), theta, early_stop=False))(xs, ys)
+    c = vmap(lambda x, y: inner.adaptive_start(problem(x, y), theta))(xs, ys)
+    step = vmap(lambda x, y, c: inner.adaptive_step(problem(x, y), c))
+    hist = [c.n]
+    for _ in range(inner.steps):
+        if bool(c.done.all()):
+            break
+        c = step(xs, ys, c)
+        hist.append(c.n)
+    return c.inner_state(torch.stack(hist, dim=1))
+
+
 def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) -> BatchMetaGradient:
     """Task meta-gradients of every task of ``batch`` (a ``TaskBatch``) in one vmapped call."""
     if not supports_batching(method):
@@ -75,7 +97,7 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
     def inner_solve(xs, ys, th):
         return method.inner.state(method.support_problem(model, th, xs, ys), th, early_stop=False)
 
-    def per_task(xs, ys, xq, yq):
+    def per_task(xs, ys, xq, yq, s=None):
         if isinstance(method, MAML):
             def outer(th):
                 s = inner_solve(xs, ys, th)
@@ -83,7 +105,6 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
                 return loss, (acc, s.grad_norm.detach(), s.converged)
             g, (loss, (acc, gn, conv)) = grad_and_value(outer, has_aux=True)(theta)
             return g, loss, acc, gn, conv, loss * 0, conv & False, loss * 0
-        s = inner_solve(xs, ys, theta)
         phi = s.phi
         if isinstance(method, Reptile):
             loss, acc = query(phi, xq, yq)
@@ -103,9 +124,14 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
         lam_grad = -(phi - theta) * w if per_parameter else loss * 0
         return g, loss, acc, s.grad_norm, s.converged, rel, lin.negative_curvature, lam_grad
 
-    with torch.no_grad() if not isinstance(method, MAML) else torch.enable_grad():
-        grads, loss, acc, gn, conv, res, neg, lam_grads = vmap(per_task)(
-            batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+    data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+    if isinstance(method, MAML):
+        with torch.enable_grad():
+            grads, loss, acc, gn, conv, res, neg, lam_grads = vmap(per_task)(*data)
+    else:
+        with torch.no_grad():
+            states = _inner_states(method, model, theta, batch)
+            grads, loss, acc, gn, conv, res, neg, lam_grads = vmap(per_task)(*data, states)
     check_finite(loss, "query loss")
     check_finite(grads, "task meta-gradients")
     is_imaml = isinstance(method, IMAML)

@@ -240,47 +240,71 @@ class GradientDescent(_FirstOrder):
                                                torch.zeros_like(taken), history), early_stop)
 
     def _adaptive(self, problem, phi0, steps, early_stop) -> InnerState:
-        thr = self._threshold(problem)
-        phi = phi0
-        f, g = problem.value_and_grad(phi)
-        n = _norm(g)
-        lr = phi0.new_full((), self.lr)
-        done = n <= thr if thr > 0 else torch.zeros((), dtype=torch.bool, device=phi0.device)
-        taken = torch.zeros((), dtype=torch.int64, device=phi0.device)
-        rejected = torch.zeros_like(taken)
-        hist = [n]
-        bb = self.step_rule == "bb"
-        recent = f.detach().expand(self.memory).clone()  # G at the last accepted points
+        c = self.adaptive_start(problem, phi0)
+        hist = [c.n]
         for _ in range(steps):
-            if early_stop and thr > 0 and bool(done):
+            if early_stop and self.tol > 0 and bool(c.done):
                 break
-            trial = phi - lr * g
-            ft, gt = problem.value_and_grad(trial)
-            nt = _norm(gt)
-            f_ref = recent.max() if bb else f
-            accept, grow = _sufficient_decrease(f_ref, ft, lr, n, nt < n)
-            accept = accept & ~done
-            reject = ~done & ~accept
-            if bb:
-                s, y = -lr * g, gt - g
-                sy = torch.dot(s.detach(), y.detach())
-                step = torch.where(sy > 0, lr * lr * n * n / sy, lr * _BB_RANGE)
-                next_lr = step.clamp(lr / _BB_RANGE, lr * _BB_RANGE)
-                recent = torch.where(accept, torch.cat([recent[1:], ft.detach().reshape(1)]),
-                                     recent)
-            else:
-                next_lr = torch.where(grow, lr * self.grow, lr)
-            phi = torch.where(accept, trial, phi)
-            f = torch.where(accept, ft, f)
-            g = torch.where(accept, gt, g)
-            n = torch.where(accept, nt, n)
-            lr = torch.where(accept, next_lr, torch.where(reject, 0.5 * lr, lr))
-            taken = taken + accept.long()
-            rejected = rejected + reject.long()
-            hist.append(n)
-            if thr > 0:
-                done = done | (n <= thr)
-        return InnerState(phi, n, done, taken, rejected, torch.stack(hist))
+            c = self.adaptive_step(problem, c)
+            hist.append(c.n)
+        return c.inner_state(torch.stack(hist))
+
+    def adaptive_start(self, problem: ProximalProblem, phi0: Tensor) -> "AdaptiveCarry":
+        """The state of an adaptive solve before its first iteration (with ``adaptive_step``,
+        what lets a batched caller leave the loop once every task has converged)."""
+        thr = self._threshold(problem)
+        f, g = problem.value_and_grad(phi0)
+        n = _norm(g)
+        done = n <= thr if thr > 0 else torch.zeros((), dtype=torch.bool, device=phi0.device)
+        zero = torch.zeros((), dtype=torch.int64, device=phi0.device)
+        return AdaptiveCarry(phi0, f, g, n, phi0.new_full((), self.lr), done, zero, zero,
+                             f.detach().expand(self.memory).clone())
+
+    def adaptive_step(self, problem: ProximalProblem, c: "AdaptiveCarry") -> "AdaptiveCarry":
+        """One accept/reject iteration (a task that has converged stays frozen)."""
+        thr = self._threshold(problem)
+        phi, f, g, n, lr, done = c.phi, c.f, c.g, c.n, c.lr, c.done
+        bb = self.step_rule == "bb"
+        recent = c.recent  # G at the last accepted points (the non-monotone test of 'bb')
+        trial = phi - lr * g
+        ft, gt = problem.value_and_grad(trial)
+        nt = _norm(gt)
+        f_ref = recent.max() if bb else f
+        accept, grow = _sufficient_decrease(f_ref, ft, lr, n, nt < n)
+        accept = accept & ~done
+        reject = ~done & ~accept
+        if bb:
+            s, y = -lr * g, gt - g
+            sy = torch.dot(s.detach(), y.detach())
+            step = torch.where(sy > 0, lr * lr * n * n / sy, lr * _BB_RANGE)
+            next_lr = step.clamp(lr / _BB_RANGE, lr * _BB_RANGE)
+            recent = torch.where(accept, torch.cat([recent[1:], ft.detach().reshape(1)]), recent)
+        else:
+            next_lr = torch.where(grow, lr * self.grow, lr)
+        n = torch.where(accept, nt, n)
+        return AdaptiveCarry(
+            torch.where(accept, trial, phi), torch.where(accept, ft, f),
+            torch.where(accept, gt, g), n,
+            torch.where(accept, next_lr, torch.where(reject, 0.5 * lr, lr)),
+            done | (n <= thr) if thr > 0 else done, c.taken + accept.long(),
+            c.rejected + reject.long(), recent)
+
+
+class AdaptiveCarry(NamedTuple):
+    """What an adaptive gradient-descent solve carries from one iteration to the next."""
+
+    phi: Tensor
+    f: Tensor
+    g: Tensor
+    n: Tensor
+    lr: Tensor
+    done: Tensor
+    taken: Tensor
+    rejected: Tensor
+    recent: Tensor
+
+    def inner_state(self, history: Tensor) -> InnerState:
+        return InnerState(self.phi, self.n, self.done, self.taken, self.rejected, history)
 
 
 @dataclass
