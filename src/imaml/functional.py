@@ -7,12 +7,15 @@ copies) and evaluates the module with ``torch.func.functional_call``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp
+
+from .tasks import _map
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -232,7 +235,11 @@ class ProximalProblem:
         return self.loss(phi) + 0.5 * self.lam * torch.dot(d, d)
 
     def grad(self, phi: Tensor) -> Tensor:
-        return self._restrict(grad(self.loss)(phi) + self.lam * (phi - self.theta))
+        return self._grad_with(self.loss, phi)
+
+    def _grad_with(self, loss: Callable[[Tensor], Tensor], phi: Tensor) -> Tensor:
+        """∇ of loss(φ) + the proximal term, restricted to the adapted coordinates."""
+        return self._restrict(grad(loss)(phi) + self.lam * (phi - self.theta))
 
     def value_and_grad(self, phi: Tensor):
         """(G(φ), ∇G(φ)) from one forward and one backward pass."""
@@ -246,17 +253,21 @@ class ProximalProblem:
         n = self.examples
         if self.subset is None or size >= n:
             return self.grad(phi)
-        # a fixed pseudo-random order (Knuth's multiplicative hash; no random op, so it runs
-        # under vmap and is the same for every task)
-        order = ((torch.arange(n) * 2654435761) % 2 ** 32).argsort()
-        idx = order[torch.arange(k * size, (k + 1) * size) % n].to(phi.device)
-        return self._restrict(grad(self.subset(idx))(phi) + self.lam * (phi - self.theta))
+        idx = _example_order(n)[torch.arange(k * size, (k + 1) * size) % n].to(phi.device)
+        return self._grad_with(self.subset(idx), phi)
 
     def hvp(self, phi: Tensor, mode: str = DEFAULT_HVP) -> Callable[[Tensor], Tensor]:
         """v -> ∇²G(φ) v = H v + λ v (H replaced by ``curvature(φ)`` when given)."""
         h = self.curvature(phi) if self.curvature is not None else make_hvp(self.loss, phi, mode)
         r = self._restrict
         return lambda v: r(h(r(v)) + self.lam * v)
+
+
+@functools.lru_cache(maxsize=None)
+def _example_order(n: int) -> Tensor:
+    """A fixed pseudo-random order of n examples (Knuth's multiplicative hash: no random op,
+    so it runs under vmap and is the same for every task), computed once per n."""
+    return ((torch.arange(n) * 2654435761) % 2 ** 32).argsort()
 
 
 def task_loss(model: FunctionalModel, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
@@ -272,7 +283,6 @@ def inner_problem(model: FunctionalModel, x, y: Tensor, theta: Tensor, lam,
     if curvature not in ("hessian", "ggn"):
         raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
     ggn = (lambda phi: make_ggn(model, x, y, phi)) if curvature == "ggn" else None
-    from .tasks import _map
     subset = lambda idx: task_loss(model, _map(lambda t: t[idx], x), y[idx])  # noqa: E731
     return ProximalProblem(task_loss(model, x, y), theta, lam, curvature=ggn,
                            mask=model.adapt_mask, subset=subset, examples=y.shape[0])
