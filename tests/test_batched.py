@@ -34,6 +34,9 @@ METHODS = [
     FOMAML(inner=GradientDescent(lr=0.1, steps=3)),
     Reptile(inner=GradientDescent(lr=0.1, steps=3)),
     Reptile(inner=Adam(lr=0.01, steps=4, batch_size=4)),  # Reptile's inner loop: mini-batches
+    IMAML(inner=NewtonCG(steps=3, cg_iters=4), linear_solver="minres"),  # iMAML-HF
+    IMAML(inner=NewtonCG(steps=3, cg_iters=4), curvature="ggn"),  # the GGN configs' HF
+    IMAML(inner=NewtonCG(steps=6, cg_iters=3, tol=0.05, damping=1.0), linear_solver="minres"),
 ]
 
 
@@ -92,10 +95,31 @@ def test_cg_masking_reports_negative_curvature():
 
 def test_unbatchable_methods_say_so():
     fm, theta, tb = setup()
-    assert not supports_batching(IMAML(inner=NewtonCG()))
-    assert not supports_batching(TruncatedMAML(inner=GradientDescent(steps=3), truncate=1))
+    method = TruncatedMAML(inner=GradientDescent(steps=3), truncate=1)
+    assert not supports_batching(method)
     with pytest.raises(ValueError, match="no batched path"):
-        batch_meta_gradient(IMAML(inner=NewtonCG()), fm, theta, tb)
+        batch_meta_gradient(method, fm, theta, tb)
+
+
+def test_batched_newton_cg_equals_each_task_solve():
+    """Each task of the vmapped Newton-CG keeps its own line search, damping and stopping: on
+    tasks that stop at different steps, for different reasons, every count equals its solve."""
+    from imaml.batched import _inner_states
+    fm, theta, tb = setup(B=5, seed=6)
+    reasons = []
+    for inner in (NewtonCG(steps=12, cg_iters=3, tol=0.4, damping=1.0),
+                  NewtonCG(steps=12, cg_iters=3, tol=0.02, max_backtracks=2, warm_start=False)):
+        method = IMAML(lam=2.0, inner=inner)
+        loop = [inner.solve(method.problem(fm, theta, t), theta) for t in tb.tasks()]
+        s = _inner_states(method, fm, theta, tb)
+        assert torch.allclose(s.phi, torch.stack([r.phi for r in loop]), rtol=1e-9, atol=1e-12)
+        assert s.converged.tolist() == [r.converged for r in loop]
+        assert s.steps.tolist() == [r.steps for r in loop]
+        assert torch.allclose(s.grad_norm, torch.tensor([r.grad_norm for r in loop],
+                                                        dtype=torch.float64), rtol=1e-8)
+        assert len({r.steps for r in loop}) > 1  # the tasks stopped at different steps
+        reasons += [r.stop_reason for r in loop]
+    assert set(reasons) == {"tolerance", "step_cap", "line_search"}
 
 
 def test_per_parameter_lambda_batched_equals_loop():
@@ -125,3 +149,20 @@ def test_batched_adaptive_solve_leaves_once_every_task_has_converged():
     # the batch stopped at the slowest task's last iteration, not at the step cap of 200
     assert states.history.shape[1] == 1 + max(r.steps + r.rejected for r in loop) < 201
     assert torch.allclose(states.phi, torch.stack([r.phi for r in loop]), rtol=1e-9, atol=1e-12)
+
+
+def test_batched_carried_adam_moments_equal_the_loop():
+    """Reptile with Adam moments carried over (config inner_carry): the vmapped meta-gradients
+    and each task's final moments equal the per-task solves."""
+    fm, theta, tb = setup(B=3, seed=7)
+    g = torch.Generator().manual_seed(1)
+    m, v = 0.01 * torch.randn(2, theta.numel(), generator=g, dtype=torch.float64)
+    inner = Adam(lr=0.01, steps=4, batch_size=4, carry=True).with_moments(m, v.abs(), 12)
+    method = Reptile(inner=inner)
+    r = batch_meta_gradient(method, fm, theta, tb)
+    loop = [method.meta_gradient(fm, theta, t) for t in tb.tasks()]
+    ref = torch.stack([x.grad for x in loop])
+    assert float((r.grads - ref).norm() / ref.norm()) < 1e-7
+    moments = torch.stack([x.inner.moments for x in loop])
+    assert r.inner_moments.shape == (3, 2, theta.numel())
+    assert torch.allclose(r.inner_moments, moments, rtol=1e-9, atol=1e-15)

@@ -280,6 +280,44 @@ def test_corrupt_pickle(tmp_path, cache):
         load_miniimagenet("meta_val", str(tmp_path))
 
 
+def test_unreadable_files_are_named_as_such(tmp_path, cache, monkeypatch):
+    """Permission errors (which root, who runs the tests, never meets, hence the patches) name
+    the file and say "permission denied", not "corrupt, download again"."""
+    import errno
+    from imaml.data import common
+    from imaml.data import miniimagenet as mini
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    make_omniglot_zips(tmp_path)
+    ext = tmp_path / "extracted"
+    for s in omni.SETS:
+        zipfile.ZipFile(tmp_path / f"{s}.zip").extractall(ext)
+    with monkeypatch.context() as m:
+        m.setattr(common.zipfile, "ZipFile", denied)
+        with pytest.raises(DataError, match=r"images_\w+\.zip: permission denied \(Permission "
+                           r"denied\); make it readable") as e:
+            load_omniglot(str(tmp_path))
+        assert "corrupt" not in str(e.value)
+    with monkeypatch.context() as m:
+        m.setattr(Path, "read_bytes", denied)
+        with pytest.raises(DataError, match=r"\.png: permission denied"):
+            load_omniglot(str(ext))
+    root = tmp_path / "miniimagenet"
+    root.mkdir()
+    write_pickle_cache(root, "val", ["a", "b"])
+    with monkeypatch.context() as m:
+        m.setattr(mini, "open", denied, raising=False)
+        with pytest.raises(DataError, match=r"cache-val\.pkl: permission denied") as e:
+            load_miniimagenet("meta_val", str(tmp_path), use_cache=False)
+        assert "corrupt" not in str(e.value)
+    with monkeypatch.context() as m:
+        m.setattr(Path, "mkdir", denied)
+        with pytest.raises(DataError, match="permission denied.*set IMAML_CACHE"):
+            common.cache_dir()
+
+
 def test_impossible_tasks_and_unknown_names():
     classes = toy_classes(num_classes=6, per_class=8)
     with pytest.raises(ValueError, match="7-way tasks need 7 classes but this split has only 6"):

@@ -352,6 +352,41 @@ def test_learned_lambda_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert float(mm.method.lam[0]) == pytest.approx(lam[first], rel=1e-6)
 
 
+def test_carried_adam_moments_train_checkpoint_and_resume_exactly(tmp_path):
+    """inner_carry (Reptile's own code never resets Adam): the moments run on from one
+    meta-iteration to the next, the checkpoint keeps them (a resumed run ends as the
+    uninterrupted one did), and a loaded model adapts from them."""
+    from imaml import conv4
+    from imaml.train import train
+    over = SYNTH + ["method=reptile", "inner_optimizer=adam", "inner_lr=0.01", "inner_steps=3",
+                    "inner_carry=true", "outer=sgd", "outer_lr=0.5", "checkpoint_every=2",
+                    "val_every=4", "batching=loop"]
+
+    def run(out, iters, resume=False):
+        torch.manual_seed(0)
+        return train(load_config(None, over + [f"meta_iters={iters}"]), str(out),
+                     resume=resume, progress=False, network=conv4(1, 3, hidden=8, image_size=8),
+                     samplers=synthetic_samplers())
+
+    run(tmp_path / "whole", 4)
+    run(tmp_path / "half", 2)
+    run(tmp_path / "half", 4, resume=True)
+    a = load_checkpoint(tmp_path / "whole" / "last.pt")
+    b = load_checkpoint(tmp_path / "half" / "last.pt")
+    assert a["inner_t"] == b["inner_t"] == 4 * 3  # 4 meta-iterations of 3 Adam steps
+    assert torch.equal(a["inner_moments"], b["inner_moments"])
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert bool((a["inner_moments"][1] > 0).any()) and bool((a["inner_moments"][1] >= 0).all())
+    from imaml.registry import build_method
+    net = conv4(1, 3, hidden=8, image_size=8)
+    net.load_state_dict(a["state_dict"])
+    mm = MetaModel(net, build_method(a["method"]), {k: v for k, v in a.items() if k != "state_dict"})
+    assert mm.method.inner.t0 == 12 and torch.equal(mm.method.inner.v0, a["inner_moments"][1])
+    # (batched and looped moments agree in float64: tests/test_batched.py)
+    with pytest.raises(ValueError, match="inner_carry carries the moments of an Adam"):
+        load_config(None, ["method=reptile", "inner_carry=true"])
+
+
 def test_learn_lam_is_refused_for_a_method_without_lambda():
     with pytest.raises(ValueError, match="learn_lam learns iMAML's λ"):
         load_config(None, ["method=maml", "learn_lam=true"])

@@ -7,8 +7,9 @@ depend on data, so every task runs the same number of iterations and a task that
 is frozen by masking. Adaptive gradient descent with a tolerance is driven one vmapped
 iteration at a time (``adaptive_start``/``adaptive_step``), so the batch leaves its loop as soon
 as every task has converged. The results equal the per-task loop up to floating-point summation order
-(tested in float64). Newton-CG's line search is data-dependent and is not batched:
-``supports_batching`` says False and callers fall back to the loop.
+(tested in float64). Newton-CG (iMAML-HF) is driven the same way, one vmapped piece at a time
+(``NewtonCG.run``): each task backtracks along its own direction until every task of the batch
+has accepted a step.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch.func import grad_and_value, vmap
 
 from .functional import FunctionalModel, check_finite, curvature_product
 from .implicit import adjoint_solve
-from .inner import Adam, GradientDescent, InnerState, Nesterov
+from .inner import Adam, GradientDescent, InnerState, Nesterov, NewtonCG, NewtonOps
 from .linear import LINEAR_SOLVERS, NegativeCurvatureError
 from .meta import FOMAML, IMAML, MAML, Reptile
 
@@ -41,6 +42,7 @@ class BatchMetaGradient:
     cg_residual: Optional[Tensor] = None
     negative_curvature: Optional[Tensor] = None
     lam_grads: Optional[Tensor] = None  # iMAML with one λ per parameter: ∂L_test/∂λ [B, P]
+    inner_moments: Optional[Tensor] = None  # an Adam inner solver that carries them: [B, 2, P]
 
     @property
     def grad(self) -> Tensor:
@@ -52,7 +54,7 @@ def supports_batching(method) -> bool:
     if isinstance(method, (FOMAML, Reptile)):
         return isinstance(inner, (GradientDescent, Nesterov, Adam))
     if isinstance(method, IMAML):
-        return isinstance(inner, (GradientDescent, Nesterov))
+        return isinstance(inner, (GradientDescent, Nesterov, NewtonCG))
     if isinstance(method, MAML):
         return isinstance(inner, GradientDescent)
     return False
@@ -65,6 +67,14 @@ def _inner_states(method, model: FunctionalModel, theta: Tensor, batch) -> Inner
     otherwise all ``steps`` run in one vmapped call."""
     inner, xs, ys = method.inner, batch.x_support, batch.y_support
     problem = lambda x, y: method.support_problem(model, theta, x, y)  # noqa: E731
+    if isinstance(inner, NewtonCG):
+        ops = NewtonOps(
+            evaluate=lambda phi: vmap(lambda x, y, p: inner.evaluate(problem(x, y), p))(xs, ys, phi),
+            direction=lambda phi, g, mu: vmap(
+                lambda x, y, p, g, m: inner.direction(problem(x, y), p, g, m))(xs, ys, phi, g, mu),
+            value=lambda phi, d, t: vmap(
+                lambda x, y, p, d, t: problem(x, y).value(p + t * d))(xs, ys, phi, d, t))
+        return inner.run(ops, theta.expand(len(xs), -1)).inner
     if not (isinstance(inner, GradientDescent) and inner.adaptive and inner.tol > 0):
         return vmap(lambda x, y: inner.state(problem(x, y), theta, early_stop=False))(xs, ys)
     c = vmap(lambda x, y: inner.adaptive_start(problem(x, y), theta))(xs, ys)
@@ -76,6 +86,15 @@ def _inner_states(method, model: FunctionalModel, theta: Tensor, batch) -> Inner
         c = step(xs, ys, c)
         hist.append(c.n)
     return c.inner_state(torch.stack(hist, dim=1))
+
+
+def _inner_states_and_moments(method, model: FunctionalModel, theta: Tensor, batch):
+    """(stacked InnerState, the final Adam moments [B, 2, P] or None when not carried)."""
+    inner = method.inner
+    if isinstance(inner, Adam) and inner.carry:
+        return vmap(lambda x, y: inner.run(method.support_problem(model, theta, x, y), theta))(
+            batch.x_support, batch.y_support)
+    return _inner_states(method, model, theta, batch), None
 
 
 def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) -> BatchMetaGradient:
@@ -125,12 +144,13 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
         return g, loss, acc, s.grad_norm, s.converged, rel, lin.negative_curvature, lam_grad
 
     data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+    moments = None
     if isinstance(method, MAML):
         with torch.enable_grad():
             grads, loss, acc, gn, conv, res, neg, lam_grads = vmap(per_task)(*data)
     else:
         with torch.no_grad():
-            states = _inner_states(method, model, theta, batch)
+            states, moments = _inner_states_and_moments(method, model, theta, batch)
             grads, loss, acc, gn, conv, res, neg, lam_grads = vmap(per_task)(*data, states)
     check_finite(loss, "query loss")
     check_finite(grads, "task meta-gradients")
@@ -141,4 +161,5 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
                                      f"{len(neg)} tasks of the batch")
     return BatchMetaGradient(grads.detach(), loss.detach(), acc.detach() if classify else None,
                              gn.detach(), conv, res if is_imaml else None,
-                             neg if is_imaml else None, lam_grads if per_parameter else None)
+                             neg if is_imaml else None, lam_grads if per_parameter else None,
+                             moments)

@@ -289,8 +289,6 @@ def run(out_dir: str, workloads: List[str], methods: List[str], steps: List[int]
         b = batch or BATCH[w]
         for mode in sorted(modes, key=MODES.index):  # one task first: it predicts batch memory
             for m in methods:
-                if mode == "vmap" and m == "imaml-hf":
-                    continue  # Newton-CG's line search is not batched
                 for k in steps:
                     spec = dict(workload=w, method=m, steps=k, mode=mode, batch=b if mode != "task" else 1,
                                 reps=reps if mode == "task" else 1, threads=threads)

@@ -75,6 +75,7 @@ class MetaModel:
         self.network, self.method, self.info = network, method, info
         self.model = FunctionalModel(network, adapt=adapt_names(info.get("method", {})))
         self.use_learned_lam()
+        self.use_inner_moments()
 
     def use_learned_lam(self) -> None:
         """Give the method the λ per parameter tensor the run learned (config ``learn_lam``),
@@ -84,6 +85,16 @@ class MetaModel:
             p = next(self.network.parameters())
             lam = torch.tensor(self.info["learned_lam"], dtype=p.dtype, device=p.device)
             self.method.lam = expand_lam(self.model, lam)
+
+    def use_inner_moments(self) -> None:
+        """Start adaptation from the Adam moments training carried (config ``inner_carry``),
+        as Reptile's own code does at test time, if the run carried any."""
+        moments = self.info.get("inner_moments")
+        if moments is not None:
+            p = next(self.network.parameters())
+            moments = moments.to(device=p.device, dtype=p.dtype)
+            self.method.inner = self.method.inner.with_moments(moments[0], moments[1],
+                                                               self.info["inner_t"])
 
     @classmethod
     def load(cls, path, device="cpu") -> "MetaModel":

@@ -38,9 +38,14 @@ class TrainConfig:
     # mini-batches of inner_batch support examples (null: all)
     inner_optimizer: str = "gd"
     inner_batch: Optional[int] = None
+    # 'adam' only: carry Adam's moments across tasks and meta-iterations (their mean over each
+    # meta-batch) and into evaluation, as openai/supervised-reptile's code does; false: fresh
+    # moments for every task
+    inner_carry: bool = False
     momentum: float = 0.9
     hf_steps: int = 5
     cg_iters: int = 5
+    hf_damping: float = 0.0     # iMAML-HF: initial Levenberg–Marquardt μ (0: undamped, Steihaug)
     cg_max_iter: int = 5
     curvature: str = "hessian"  # iMAML's system: exact Hessian, or 'ggn' (Gauss-Newton)
     linear_solver: str = "cg"   # iMAML's linear solver: 'cg' or 'minres' (indefinite-safe)
@@ -83,11 +88,13 @@ class TrainConfig:
                 "inner_adaptive": self.inner_adaptive,
                 "inner_step_rule": self.inner_step_rule, "momentum": self.momentum,
                 "hf_steps": self.hf_steps, "cg_iters": self.cg_iters,
+                "hf_damping": self.hf_damping,
                 "cg_max_iter": self.cg_max_iter, "curvature": self.curvature,
                 "linear_solver": self.linear_solver,
                 "truncate": self.truncate,
                 "prox_lam": self.prox_lam, "adapt": self.adapt,
-                "inner_optimizer": self.inner_optimizer, "inner_batch": self.inner_batch}
+                "inner_optimizer": self.inner_optimizer, "inner_batch": self.inner_batch,
+                "inner_carry": self.inner_carry}
 
     def validate(self) -> None:
         if self.dataset not in ("omniglot", "miniimagenet"):

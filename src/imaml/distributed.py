@@ -91,11 +91,18 @@ def learns_lam(method) -> bool:
     return isinstance(getattr(method, "lam", None), torch.Tensor)
 
 
+def carries_moments(method) -> bool:
+    """Whether ``method``'s inner solver is an Adam that carries its moments across
+    meta-iterations (their sum over tasks is summed with the meta-gradient)."""
+    return bool(getattr(getattr(method, "inner", None), "carry", False))
+
+
 def local_sums(method, model: FunctionalModel, theta: torch.Tensor, batch, batched: bool):
     """(Σ task meta-gradients, the STATS sums as a float64 vector) for the tasks of ``batch``
     (a TaskBatch, possibly empty: a rank with no task of the meta-batch contributes zeros).
-    With one λ per parameter (``learns_lam``) the first is [Σ ∂/∂θ, Σ ∂L_test/∂λ] (2P)."""
-    p = theta.numel() * (2 if learns_lam(method) else 1)
+    With one λ per parameter (``learns_lam``) the first is [Σ ∂/∂θ, Σ ∂L_test/∂λ] (2P); with
+    carried Adam moments (``carries_moments``) Σ m and Σ v follow (2P more)."""
+    p = theta.numel() * (1 + learns_lam(method) + 2 * carries_moments(method))
     if batch is None or len(batch) == 0:
         return (torch.zeros(p, dtype=theta.dtype, device=theta.device),
                 torch.zeros(len(STATS), dtype=torch.float64, device=theta.device))
@@ -104,12 +111,17 @@ def local_sums(method, model: FunctionalModel, theta: torch.Tensor, batch, batch
         r = batch_meta_gradient(method, model, theta, batch)
         g, stats = r.grads.sum(0), _batch_stats(r)
         lam_grad = r.lam_grads.sum(0) if r.lam_grads is not None else None
+        moments = r.inner_moments.sum(0) if r.inner_moments is not None else None
     else:
         g, results = task_meta_gradients(method, model, theta, batch.tasks())
         stats = _loop_stats(results)
         lam_grad = torch.stack([r.lam_grad for r in results]).sum(0) if learns_lam(method) else None
+        moments = (torch.stack([r.inner.moments for r in results]).sum(0)
+                   if carries_moments(method) else None)
     if lam_grad is not None:
         g = torch.cat([g, lam_grad])
+    if moments is not None:
+        g = torch.cat([g, moments.flatten()])
     return g.detach(), torch.tensor([float(v) for v in stats], dtype=torch.float64,
                                     device=g.device)
 

@@ -201,7 +201,8 @@ class ProximalProblem:
             solver started at θ never moves the others).
 
     G is λ-strongly convex whenever L̂ is convex (λ the smallest λᵢ: ``lam_min``), so
-    ‖φ − φ*‖ ≤ ‖∇G(φ)‖/λ; the inner solvers use that bound to stop at accuracy δ.
+    ‖φ − φ*‖ ≤ ‖∇G(φ)‖/λ; the inner solvers use that bound to stop at accuracy δ (with one λ
+    per parameter they test ‖Λ⁻¹∇G(φ)‖ ≤ δ, ``imaml.inner``).
     """
 
     def __init__(self, loss: Callable[[Tensor], Tensor], theta: Tensor, lam,

@@ -16,9 +16,11 @@ METHOD_NAMES = ("imaml-gd", "imaml-nesterov", "imaml-hf", "maml", "maml-nesterov
 def build_method(cfg: Dict[str, Any]):
     """A meta-gradient method from a plain dict: ``name`` plus lam (iMAML's λ), inner_lr,
     inner_steps, inner_tol, inner_adaptive (accept/reject step sizing), inner_step_rule ('grow' or
-    'bb': how gradient descent sizes adaptive steps), momentum, hf_steps,
-    cg_iters, cg_max_iter, curvature ('hessian' or 'ggn', iMAML's linear system),
-    inner_optimizer ('gd', or 'adam' for FOMAML and Reptile) and inner_batch (its mini-batch),
+    'bb': how gradient descent sizes adaptive steps), momentum, hf_steps, hf_damping
+    (Newton-CG's first Levenberg–Marquardt μ), cg_iters, cg_max_iter, curvature ('hessian' or
+    'ggn', iMAML's linear system),
+    inner_optimizer ('gd', or 'adam' for FOMAML and Reptile), inner_batch (its mini-batch) and
+    inner_carry (carry its moments across meta-iterations),
     linear_solver ('cg' or 'minres'), truncate, prox_lam (the baselines' proximal λ, 0 by
     default). ``adapt`` (which parameters the inner loop adapts) belongs to the model:
     ``adapt_names`` reads it for ``FunctionalModel``."""
@@ -41,11 +43,16 @@ def build_method(cfg: Dict[str, Any]):
     if name == "imaml-nesterov":
         return IMAML(lam=lam, inner=nag, **system)
     if name == "imaml-hf":
-        hf = NewtonCG(steps=cfg.get("hf_steps", 5), cg_iters=cfg.get("cg_iters", 5), tol=tol)
+        hf = NewtonCG(steps=cfg.get("hf_steps", 5), cg_iters=cfg.get("cg_iters", 5), tol=tol,
+                      damping=cfg.get("hf_damping", 0.0))
         return IMAML(lam=lam, inner=hf, **system)
     outer_lam = cfg.get("prox_lam", 0.0)  # baselines: plain inner loop unless asked
+    if cfg.get("inner_carry") and not adam_inner:
+        raise ValueError("inner_carry carries the moments of an Adam inner loop: set "
+                         "inner_optimizer 'adam' (fomaml, reptile)")
     if adam_inner:
-        adam = Adam(lr=lr, steps=steps, batch_size=cfg.get("inner_batch"))
+        adam = Adam(lr=lr, steps=steps, batch_size=cfg.get("inner_batch"),
+                    carry=bool(cfg.get("inner_carry", False)))
         return (FOMAML if name == "fomaml" else Reptile)(inner=adam, lam=outer_lam)
     if name == "maml":
         return MAML(inner=gd, lam=outer_lam)

@@ -22,8 +22,8 @@ import torch
 from .batched import supports_batching
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config, outer_lr_at  # noqa: F401 (re-exported)
-from .distributed import (barrier, broadcast_parameters, from_rank0, init_from_env,
-                          mean_meta_gradient, resolve_device)
+from .distributed import (barrier, broadcast_parameters, carries_moments, from_rank0,
+                          init_from_env, mean_meta_gradient, resolve_device)
 from .evaluate import evaluate
 from .functional import FunctionalModel, NonFiniteError
 from .implicit import expand_lam
@@ -185,6 +185,9 @@ class _Run:
         if cfg.learn_lam:
             self.lam = _LearnedLam(cfg, self.model, self.device, ck.get("learned_lam_state"))
             self._use_lam()
+        self.moments, self.inner_t = ck.get("inner_moments"), ck.get("inner_t", 0)
+        if self.moments is not None:
+            self._use_moments(self.moments.to(self.device), self.inner_t)
         batching = cfg.batching if supports_batching(self.method) else "loop"
         if batching == "auto" and resume:
             batching = ck.get("batching", "auto")  # the choice made when the run started
@@ -192,6 +195,13 @@ class _Run:
 
     def _use_lam(self) -> None:
         self.method.lam = self.eval_method.lam = self.lam.per_parameter()
+
+    def _use_moments(self, moments: torch.Tensor, t: int) -> None:
+        """Carry Adam's moments (config ``inner_carry``) into the next meta-iteration and into
+        validation, whose adaptation starts from them too."""
+        self.moments, self.inner_t = moments, t
+        for method in (self.method, self.eval_method):
+            method.inner = method.inner.with_moments(moments[0], moments[1], t)
 
     def _resume(self) -> Dict[str, Any]:
         """Load last.pt into the network, the optimizer and the random-number state."""
@@ -247,7 +257,9 @@ class _Run:
                         rng=torch.get_rng_state(), best_val=self.best, elapsed=self.elapsed,
                         tasks_drawn=iteration * cfg.meta_batch, reference=self.reference,
                         **({"learned_lam": list(self.lam.values().values()),
-                            "learned_lam_state": self.lam.state()} if self.lam else {}))
+                            "learned_lam_state": self.lam.state()} if self.lam else {}),
+                        **({"inner_moments": self.moments.detach().cpu(),
+                            "inner_t": self.inner_t} if self.moments is not None else {}))
 
     def validate(self, iteration: int, write) -> None:
         """Meta-validation of the current model; best.pt when it is the best so far."""
@@ -282,12 +294,15 @@ class _Run:
                                       self.rank, self.world)
         for group in self.opt.param_groups:
             group["lr"] = outer_lr_at(self.cfg, it, trained)
-        if self.lam is not None:  # [∂/∂θ, ∂/∂λ] (imaml.distributed.local_sums)
-            g, lam_grad = g[:self.model.num_params], g[self.model.num_params:]
+        # [∂/∂θ, (∂/∂λ), (mean Adam moments m, v)] (imaml.distributed.local_sums)
+        g, extra = g[:self.model.num_params], g[self.model.num_params:]
         apply_meta_gradient(self.model, self.opt, g)
         if self.lam is not None:
+            lam_grad, extra = extra[:self.model.num_params], extra[self.model.num_params:]
             self.lam.step(lam_grad)
             self._use_lam()
+        if carries_moments(self.method):
+            self._use_moments(extra.reshape(2, -1), self.inner_t + self.method.inner.steps)
         self._check_finite(it, stats["loss"])
         dt = time.perf_counter() - t0
         self.elapsed += dt

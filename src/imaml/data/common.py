@@ -21,6 +21,22 @@ class DataError(RuntimeError):
     """A dataset could not be found, read or used; the message names the problem and the fix."""
 
 
+def permission_denied(path, e: OSError, fix: str = "") -> DataError:
+    """The error for a dataset file or folder this user may not read or write: what, where, and
+    what to do (not "corrupt, download again": the bytes may be fine)."""
+    fix = fix or ("make it readable (chmod a+r) or point --data-dir / IMAML_DATA at a copy you "
+                  "can read")
+    return DataError(f"{e.filename or path}: permission denied ({e.strerror}); {fix}")
+
+
+def read_file(path: Path) -> bytes:
+    """A source file's bytes, with an unreadable file named as such."""
+    try:
+        return path.read_bytes()
+    except PermissionError as e:
+        raise permission_denied(path, e) from None
+
+
 @dataclass
 class ImageClasses:
     """Images grouped by class, kept in memory as one compact uint8 tensor.
@@ -89,7 +105,11 @@ def data_root(data_dir: Optional[str], name: str) -> Path:
 def cache_dir() -> Path:
     """Where decoded datasets are cached: $IMAML_CACHE, else ~/.cache/imaml."""
     d = Path(os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "imaml")
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except PermissionError as e:
+        raise permission_denied(d, e, f"the decoded-data cache needs a folder you can write: "
+                                      f"set {ENV_CACHE} to one") from None
     return d
 
 
@@ -148,6 +168,8 @@ def cache_files() -> list:
 def open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
+    except PermissionError as e:
+        raise permission_denied(path, e) from None
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f"{path} is not a readable zip file ({e}); it is probably truncated or "
                         "corrupt: delete it and download or copy it again") from None

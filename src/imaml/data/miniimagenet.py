@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .common import (DataError, ImageClasses, cache_dir, data_root, decode_image, fingerprint,
-                     from_lists, load_cached, open_zip, read_member, save_atomic)
+                     from_lists, load_cached, open_zip, permission_denied, read_file,
+                     read_member, save_atomic)
 
 SPLIT_FILES = {"meta_train": "train", "meta_val": "val", "meta_test": "test"}
 EXPECTED_CLASSES = {"meta_train": 64, "meta_val": 16, "meta_test": 20}
@@ -36,6 +37,8 @@ def _read_csv(path: Path) -> Dict[str, List[str]]:
     try:
         with open(path, newline="") as fh:
             rows = list(csv.reader(fh))
+    except PermissionError as e:
+        raise permission_denied(path, e) from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"could not read {path} ({e})") from None
     if not rows or [c.strip() for c in rows[0][:2]] != ["filename", "label"]:
@@ -54,7 +57,7 @@ def _from_csv(root: Path, split: str) -> ImageClasses:
     if (root / "images").is_dir():
         folder = root / "images"
         available = {p.name for p in folder.iterdir()}
-        read = lambda name: (folder / name).read_bytes()  # noqa: E731
+        read = lambda name: read_file(folder / name)  # noqa: E731
         where = str(folder)
     else:
         zpath = root / "images.zip"
@@ -76,6 +79,8 @@ def _from_pickle(path: Path) -> ImageClasses:
     try:
         with open(path, "rb") as fh:
             obj = pickle.load(fh)
+    except PermissionError as e:
+        raise permission_denied(path, e) from None
     except Exception as e:  # truncated pickles raise EOFError/UnpicklingError
         raise DataError(f"{path} is not a readable pickle ({type(e).__name__}: {e}); it is "
                         "truncated or corrupt: copy it again") from None

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .common import (ENV_DATA, DataError, ImageClasses, cache_dir, data_root, decode_image, fingerprint,
-                     from_lists, load_cached, open_zip, read_member, save_atomic)
+                     from_lists, load_cached, open_zip, read_file, read_member, save_atomic)
 
 SETS = ("images_background", "images_evaluation")
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
@@ -89,7 +89,7 @@ def _read_set(src: Path, set_name: str) -> Dict[str, List[torch.Tensor]]:
     if src.is_dir():
         files = sorted(p for p in src.rglob("*.png"))
         items = [(str(p.relative_to(src)), p) for p in files]
-        read = lambda p, rel: p.read_bytes()  # noqa: E731
+        read = lambda p, rel: read_file(p)  # noqa: E731
     else:
         zf = open_zip(src)
         items = sorted((m[len(set_name) + 1:], m) for m in zf.namelist()
