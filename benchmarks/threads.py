@@ -27,6 +27,8 @@ POLICIES = {
     "1 process x 2 threads": (["threads=2"], 1, {}),
     "1 process x 2 threads, OMP_WAIT_POLICY=PASSIVE": (["threads=2"], 1,
                                                        {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "1 process x 2 threads, PASSIVE, GOMP_SPINCOUNT=20000": (
+        ["threads=2"], 1, {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "20000"}),
     "1 process x 1 thread": (["threads=1"], 1, {}),
     "2 processes x 1 thread (torchrun)": (["threads=1"], 2, {}),
 }
@@ -63,10 +65,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--skip", type=int, default=4, help="warm-up iterations left out")
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policies", default="|".join(POLICIES), help="names, |-separated")
     a = ap.parse_args()
     rows = []
-    for policy in a.policies.split(","):
+    for policy in a.policies.split("|"):
         row = {"policy": policy}
         for busy in (False, True):
             t0 = time.time()

@@ -1,4 +1,13 @@
 """imaml: implicit model-agnostic meta-learning (Rajeswaran, Finn, Kakade, Levine, NeurIPS 2019)."""
+import os as _os
+import sys as _sys
+
+# Thread policy (README, "Threads"): torch's OpenMP threads that wait for work sleep instead of
+# spinning, so that one busy process beside a training run costs it 22% of its throughput
+# instead of 69% (benchmarks/threads.py). It can only take effect before torch is loaded, and a
+# value the user set is kept (OMP_WAIT_POLICY=ACTIVE is faster on a machine of one's own).
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from .functional import (FunctionalModel, NonFiniteError, ProximalProblem, make_hvp,
                          hvp_fwd_rev, hvp_rev_rev, task_loss)
 from .implicit import implicit_solution
