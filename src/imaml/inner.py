@@ -125,7 +125,10 @@ class _Solver:
         to φ* of a Newton step on the proximal term alone (φ − φ* = Λ⁻¹∇G exactly where L̂
         is locally flat). The bound ‖∇G‖ ≤ λ_min·tol would be stricter, and unattainable where
         a tensor's λ is small: a learned λ of 0.08 on the head made it 25x smaller than the
-        other tensors' test, and 91% of the solves missed it (RESULTS.md, learned λ)."""
+        other tensors' test, and 91% of the solves missed it (RESULTS.md, learned λ). Without
+        a tolerance (tol 0) it never holds."""
+        if self.tol <= 0:
+            return torch.zeros((), dtype=torch.bool, device=g.device)
         if isinstance(problem.lam, Tensor):
             return _norm(g / problem.lam) <= self.tol
         return n <= problem.lam * self.tol
@@ -144,8 +147,7 @@ class _Solver:
         g = _grad_at(problem, s.phi)  # the one extra gradient a report costs
         n = _norm(g)
         missing = torch.isnan(s.grad_norm)
-        converged = (s.converged | (missing & self._met(problem, g, n)) if self.tol > 0
-                     else s.converged)
+        converged = s.converged | (missing & self._met(problem, g, n))
         return s._replace(grad_norm=torch.where(missing, n, s.grad_norm), converged=converged,
                           history=torch.cat([s.history, n.reshape(1)]))
 
@@ -270,8 +272,7 @@ class GradientDescent(_FirstOrder):
         what lets a batched caller leave the loop once every task has converged)."""
         f, g = problem.value_and_grad(phi0)
         n = _norm(g)
-        done = (self._met(problem, g, n) if self.tol > 0
-                else torch.zeros((), dtype=torch.bool, device=phi0.device))
+        done = self._met(problem, g, n)
         zero = torch.zeros((), dtype=torch.int64, device=phi0.device)
         return AdaptiveCarry(phi0, f, g, n, phi0.new_full((), self.lr), done, zero, zero,
                              f.detach().expand(self.memory).clone())
@@ -300,7 +301,7 @@ class GradientDescent(_FirstOrder):
         return AdaptiveCarry(
             torch.where(accept, trial, phi), torch.where(accept, ft, f), g, n,
             torch.where(accept, next_lr, torch.where(reject, 0.5 * lr, lr)),
-            done | self._met(problem, g, n) if self.tol > 0 else done, c.taken + accept.long(),
+            done | self._met(problem, g, n), c.taken + accept.long(),
             c.rejected + reject.long(), recent)
 
 
@@ -547,9 +548,7 @@ class NewtonCG(_Solver):
         f, g = problem.value_and_grad(phi)
         f, g = f.detach(), g.detach()
         n = _norm(g)
-        met = (self._met(problem, g, n) if self.tol > 0
-               else torch.zeros((), dtype=torch.bool, device=phi.device))
-        return f, g, n, met
+        return f, g, n, self._met(problem, g, n)
 
     def direction(self, problem: ProximalProblem, phi: Tensor, g: Tensor, mu: Tensor,
                   early_stop: bool = False):
