@@ -1,9 +1,11 @@
-"""Dataset load times (first decode, then from the cache) and task-sampler throughput.
+"""Dataset load times (first decode, then from the cache), the loading process's peak memory,
+the cache's size on disk, and task-sampler throughput.
 
     IMAML_DATA=../shared/data python benchmarks/data.py --out docs/benchmarks/data.json
 
-Each load is timed in a fresh process (imports excluded). The first load uses an empty cache
-folder; the second reads the cache the first wrote. Sampling runs on one thread.
+Each load is timed in a fresh process (imports excluded), which also reports its peak resident
+memory (``ru_maxrss``, imports included). The first load uses an empty cache folder; the second
+reads the cache the first wrote. Sampling runs on one thread.
 """
 import argparse
 import json
@@ -14,7 +16,7 @@ import tempfile
 import time
 
 LOAD = """
-import sys, time, torch
+import resource, sys, time, torch
 from imaml.data import load_miniimagenet, load_omniglot
 t = time.perf_counter()
 if sys.argv[1] == "omniglot":
@@ -22,7 +24,7 @@ if sys.argv[1] == "omniglot":
 else:
     for s in ("meta_train", "meta_val", "meta_test"):
         load_miniimagenet(s, progress=lambda m: None)
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
@@ -30,7 +32,13 @@ def timed_load(name, cache):
     env = dict(os.environ, IMAML_CACHE=cache)
     out = subprocess.run([sys.executable, "-c", LOAD, name], env=env, capture_output=True,
                          text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    seconds, peak_mib = out.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(peak_mib)
+
+
+def folder_mib(folder, prefix):
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+               if f.startswith(prefix)) / 2 ** 20
 
 
 def sampler_rate(ways, shots, queries, n, batch):
@@ -55,9 +63,12 @@ def main():
     res = {"loads": {}, "sampler": []}
     with tempfile.TemporaryDirectory() as cache:
         for name in ("omniglot", "miniimagenet"):
-            first, second = timed_load(name, cache), timed_load(name, cache)
-            res["loads"][name] = {"first_s": first, "cached_s": second}
-            print(f"{name:>13}: first load {first:6.2f} s, from cache {second:5.2f} s")
+            (first, peak1), (second, peak2) = timed_load(name, cache), timed_load(name, cache)
+            size = folder_mib(cache, name)
+            res["loads"][name] = {"first_s": first, "cached_s": second, "first_peak_mib": peak1,
+                                  "cached_peak_mib": peak2, "cache_mib": size}
+            print(f"{name:>13}: first load {first:6.2f} s (peak {peak1:5.0f} MiB), from cache "
+                  f"{second:5.2f} s (peak {peak2:5.0f} MiB), cache {size:5.0f} MiB on disk")
     for ways, shots, queries in ((5, 1, 1), (20, 5, 5), (20, 5, 15)):
         for batch in (1, 32):
             rate = sampler_rate(ways, shots, queries, 4000, batch)

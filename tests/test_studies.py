@@ -55,3 +55,21 @@ def test_time_to_accuracy_reads_run_records(tmp_path):
     assert first_reach([(1.0, 1, 0.5)], 0.9) is None
     with pytest.raises(ValueError, match="no config.json"):
         run([str(tmp_path)], str(tmp_path / "out"))
+
+
+def test_time_to_accuracy_thresholds_from_the_command_line(tmp_path, capsys):
+    from imaml.cli import main
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"dataset": "omniglot", "ways": 20, "shots": 1,
+                                               "method": "maml"}))
+    (d / "metrics.csv").write_text("iteration,split,loss,accuracy,ci95,grad_norm,seconds\n"
+                                   "1,train,1,0.5,,1,60\n1,val,,0.82,0.01,,\n"
+                                   "2,train,1,0.5,,1,60\n2,val,,0.88,0.01,,\n")
+    assert main(["time-to-accuracy", str(d), "--out", str(tmp_path / "o"),
+                 "--thresholds", "80", "85", "90"]) == 0
+    out = capsys.readouterr().out
+    assert "minutes to 80% | minutes to 85% | minutes to 90%" in out
+    assert "| r | maml | 1.0 | 2.0 | not reached | 88.00% | 2.0 |" in out
+    saved = json.loads((tmp_path / "o" / "time_to_accuracy.json").read_text())
+    assert saved["thresholds"] == [0.8, 0.85, 0.9]

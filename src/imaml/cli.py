@@ -151,7 +151,10 @@ def _solver_accuracy(args) -> int:
 
 def _time_to_accuracy(args) -> int:
     from .time_to_accuracy import run
-    print(run(args.runs, args.out))
+    thresholds = tuple(t / 100 for t in args.thresholds)
+    if not all(0 < t <= 1 for t in thresholds):
+        raise ValueError(f"--thresholds are percentages in (0, 100], got {args.thresholds}")
+    print(run(args.runs, args.out, thresholds))
     print(f"written: {args.out}/time_to_accuracy.json, .md, .png")
     return 0
 
@@ -257,9 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("time-to-accuracy", help="meta-validation accuracy against training "
                        "wall time for run folders of one setting, and the minutes each needed "
-                       "to reach 95, 97 and 98%%")
+                       "to reach 95, 97 and 98%% (or --thresholds)")
     w.add_argument("runs", nargs="+", help="run folders (config.json and metrics.csv[.gz])")
     w.add_argument("--out", default="results/time_to_accuracy", help="output folder")
+    w.add_argument("--thresholds", type=float, nargs="+", default=[95.0, 97.0, 98.0],
+                   metavar="PERCENT", help="accuracies to time, in percent (default 95 97 98; "
+                   "20-way: 80 85 90)")
     w.set_defaults(fn=_time_to_accuracy)
 
     c = sub.add_parser("cache", help="list or prune the decoded datasets cached in $IMAML_CACHE "

@@ -69,7 +69,7 @@ def table(curves: List[Dict], thresholds: Sequence[float] = THRESHOLDS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(curves: List[Dict], path) -> None:
+def plot(curves: List[Dict], path, floor: float = 80.0) -> None:
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7.5, 4.5))
     for c in curves:
@@ -78,7 +78,7 @@ def plot(curves: List[Dict], path) -> None:
     ax.set_xlabel("training wall time (minutes; validation excluded)")
     ax.set_ylabel("meta-validation accuracy (%)")
     lo = min((100 * a for c in curves for _, _, a in c["points"]), default=50)
-    ax.set_ylim(max(lo, 80), 100)
+    ax.set_ylim(max(lo, floor), 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(", ".join(sorted({c["setting"] for c in curves})))
@@ -87,15 +87,16 @@ def plot(curves: List[Dict], path) -> None:
     pyplot.close(fig)
 
 
-def run(runs: Sequence[str], out_dir: str) -> str:
-    """Write time_to_accuracy.json/.md/.png into out_dir; returns the table."""
+def run(runs: Sequence[str], out_dir: str, thresholds: Sequence[float] = THRESHOLDS) -> str:
+    """Write time_to_accuracy.json/.md/.png into out_dir; returns the table. ``thresholds``
+    are accuracies in (0, 1]; the plot shows from 15 points below the lowest of them."""
     curves = [curve(r) for r in runs]
     if len({c["setting"] for c in curves}) > 1:
         raise ValueError("the runs are of different settings: "
                          + ", ".join(sorted({c["setting"] for c in curves})))
-    text = table(curves)
-    write_json_atomic({"curves": curves, "thresholds": list(THRESHOLDS)},
+    text = table(curves, thresholds)
+    write_json_atomic({"curves": curves, "thresholds": list(thresholds)},
                       f"{out_dir}/time_to_accuracy.json")
     write_text_atomic(text, f"{out_dir}/time_to_accuracy.md")
-    plot(curves, f"{out_dir}/time_to_accuracy.png")
+    plot(curves, f"{out_dir}/time_to_accuracy.png", floor=100 * min(thresholds) - 15)
     return text
