@@ -7,7 +7,9 @@ task of each candidate (Barzilai–Borwein GD, growth-rule GD, Nesterov, damped 
 the seconds of a whole meta-gradient (inner solve + 5 MINRES) of a meta-batch of 16 tasks,
 task by task and vmapped (imaml.batched), for the candidates that solved best.
 Run from the repository root with IMAML_DATA set:
-    python scripts/probe_20w.py [LABEL=CHECKPOINT ...] > docs/benchmarks/probe_20w.txt"""
+    python scripts/probe_20w.py [--no-fresh] [--no-timing] [LABEL=CHECKPOINT ...]
+(--no-fresh: skip the fresh network; --no-timing: skip the meta-gradient timings).
+Output kept in docs/benchmarks/probe_20w.txt."""
 import sys
 import time
 
@@ -41,10 +43,14 @@ tasks = [sampler.sample(i) for i in range(16)]
 method = IMAML(lam=LAM, curvature="hessian")
 
 
+FLAGS = {a for a in sys.argv[1:] if a.startswith("--")}
+
+
 def models():
     torch.manual_seed(cfg.seed)
-    yield "fresh network (seed of the runs)", FunctionalModel(build_network("omniglot", 20))
-    for arg in sys.argv[1:]:
+    if "--no-fresh" not in FLAGS:
+        yield "fresh network (seed of the runs)", FunctionalModel(build_network("omniglot", 20))
+    for arg in (a for a in sys.argv[1:] if not a.startswith("--")):
         label, _, path = arg.rpartition("=")
         mm = MetaModel.load(path)
         yield f"{label or path} ({path}, iteration {mm.info.get('iteration')})", mm.model
@@ -74,6 +80,8 @@ with torch.no_grad():
                   f"{sum(r.negative_curvature for r in res) / n:6.1f} {100 * sum(acc) / n:6.1f} "
                   f"{ms:8.0f}", flush=True)
 
+        if "--no-timing" in FLAGS:
+            continue
         print(f"{'meta-gradient of 16':22s} {'loop s':>7s} {'vmap s':>7s}")
         batch = sampler.batch(range(16))
         for name in TIMED:
