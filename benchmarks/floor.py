@@ -8,7 +8,8 @@ what a small task costs beyond it is per-operation overhead, not arithmetic.
 
 Prints, per workload of ``imaml bench`` (iMAML-GD, 16 steps, 5 CG; MAML, 16 steps): GFLOP per
 task, the large-batch GFLOP/s, the floor in ms, and writes floor.json. Compare the floor with
-the `imaml bench` seconds per task (README, "Small tasks against the floor").
+the `imaml bench` seconds per task (docs/benchmarks.md, "Threads, and small tasks against the
+arithmetic floor").
 """
 from __future__ import annotations
 

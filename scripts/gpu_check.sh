@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared checks for a lent GPU machine (see README, "Devices"): its python3 has a CUDA
+# The prepared checks for a lent GPU machine (see docs/distributed.md, "Devices"): its python3 has a CUDA
 # torch and nothing can be installed, so the project runs from src/ on PYTHONPATH. Before the
 # call, here: mkdir -p .data/omniglot && cp ../shared/data/omniglot/*.zip .data/omniglot/
 # (.data/ is git-ignored) and name .data in the device tool's `carry`; run it as

@@ -12,7 +12,7 @@ if [ -f "$out/last.pt" ]; then
   out="runs/quickstart-$(date +%Y%m%d-%H%M%S)"
 fi
 # A short job on a machine of one's own: torch's spinning OpenMP threads are 31% faster idle
-# than the sleeping ones imaml defaults to (README, "Threads"); set OMP_WAIT_POLICY=PASSIVE
+# than the sleeping ones imaml defaults to (docs/benchmarks.md, "Threads"); set OMP_WAIT_POLICY=PASSIVE
 # yourself on a shared machine.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-ACTIVE}"
 exec .venv/bin/imaml train configs/quickstart.json --out "$out"

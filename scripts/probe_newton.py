@@ -1,4 +1,4 @@
-"""Why iMAML-HF's time grows faster than its number of Newton steps in `imaml bench` (README,
+"""Why iMAML-HF's time grows faster than its number of Newton steps in `imaml bench` (docs/benchmarks.md,
 "The benchmark, measured"): on the benchmark's random-input Omniglot 5-way 1-shot task (λ 2,
 5 CG steps per Newton direction) print, after 10/25/50/100 Newton steps of `NewtonCG`, G,
 ‖∇G‖ and the objective evaluations its backtracking line search used, with the line search

@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-PAPER = {  # REFERENCE.md, Tables 2 and 3
+PAPER = {  # the paper's Tables 2 and 3
     ("omniglot", 5, 1): {"maml": "98.7 ± 0.4", "fomaml": "98.3 ± 0.5", "reptile": "97.68 ± 0.04",
                          "imaml-gd": "99.16 ± 0.35", "imaml-hf": "99.50 ± 0.26"},
     ("omniglot", 20, 1): {"maml": "95.8 ± 0.3", "fomaml": "89.4 ± 0.5", "reptile": "89.43 ± 0.14",

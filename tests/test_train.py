@@ -1,4 +1,5 @@
-"""Meta-training: configs, checkpoints, kill-and-resume, and the README's checkpoint API."""
+"""Meta-training: configs, checkpoints, kill-and-resume, and the checkpoint API example of
+docs/getting-started.md."""
 import json
 import signal
 import subprocess
@@ -205,11 +206,12 @@ def test_train_eval_and_readme_checkpoint_api(tmp_path):
                      (("--inner-lr", "-1"), "--inner-lr -1.0: lr must be > 0")):
         r = cli("eval", str(out / "best.pt"), *bad)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
-    # the README's "Use a meta-trained model" example, on this checkpoint
-    text = (ROOT / "README.md").read_text()
+    # the "Use a meta-trained model" example of docs/getting-started.md, on this checkpoint
+    text = (ROOT / "docs" / "getting-started.md").read_text()
     block = text.split("<!-- checkpoint-example -->")[1].split("```python\n")[1].split("```")[0]
     ns = {}
-    exec(compile(block.replace("runs/quickstart/best.pt", str(out / "best.pt")), "README", "exec"), ns)
+    exec(compile(block.replace("runs/quickstart/best.pt", str(out / "best.pt")),
+                 "docs/getting-started.md", "exec"), ns)
     assert ns["labels"].shape == ns["y_query"].shape
 
 

@@ -37,8 +37,8 @@ BATCH = {"omniglot-5w1s": 16, "omniglot-20w5s": 4, "miniimagenet-5w1s": 4}  # de
 
 
 def make_method(name: str, steps: int, lam: float = 2.0, lr: float = 0.1, cg_max_iter: int = 5):
-    """The benchmarked methods (from the registry), with the settings of REFERENCE.md's speed
-    table (K = inner GD steps; for iMAML-HF, K = Newton steps of 5 CG iterations each)."""
+    """The benchmarked methods (from the registry), with the settings the paper compares speed
+    and memory at (K = inner GD steps; for iMAML-HF, K = Newton steps of 5 CG iterations each)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {METHODS}")
     return build_method({"name": name, "lam": lam, "inner_lr": lr, "inner_steps": steps,
