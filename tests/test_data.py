@@ -184,6 +184,9 @@ def test_sampler_ragged_classes():
 def test_missing_and_wrong_directories(tmp_path, cache, monkeypatch):
     with pytest.raises(DataError, match="does not exist"):
         load_omniglot(str(tmp_path / "nope"))
+    (tmp_path / "afile").write_text("x")  # a file where the folder is expected: not "missing"
+    with pytest.raises(DataError, match="afile is a file, not a folder"):
+        load_omniglot(str(tmp_path / "afile"))
     with pytest.raises(DataError, match=r"Omniglot not found in .*images_background.zip.*--download"):
         load_omniglot(str(tmp_path))
     monkeypatch.delenv("IMAML_DATA", raising=False)
@@ -371,3 +374,43 @@ def test_cache_list_and_prune(tmp_path, cache):
     assert cli.main(["cache", "list"]) == 0
     assert cli.main(["cache", "prune"]) == 0
     assert list(cache.glob("*.pt")) == []
+
+
+def test_cache_prune_deletes_only_what_the_cache_wrote(tmp_path, cache, capsys):
+    """IMAML_CACHE pointed at a folder that also holds checkpoints and other torch files:
+    prune deletes the decoded dataset (it carries the cache's header and its key) and nothing
+    else; list does not call the others decoded datasets."""
+    from imaml import cli
+    from imaml.checkpoint import build_network, save_checkpoint
+    make_omniglot_zips(tmp_path)
+    load_omniglot(str(tmp_path))
+    (decoded,) = list(cache.glob("omniglot-*.pt"))
+    for name in ("best.pt", "last.pt"):
+        save_checkpoint(cache / name, build_network("omniglot", 3), dataset="omniglot", ways=3,
+                        shots=1, queries=1, method={"name": "imaml-gd"})
+    torch.save({"key": "x", "digest": "y"}, cache / "omniglot-other.pt")  # a name alone proves nothing
+    (cache / "notes.pt").write_text("not even a torch file")
+    capsys.readouterr()
+    assert cli.main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "1 decoded dataset(s)" in out and decoded.name in out
+    assert "left alone: 4 other file(s)" in out and "best.pt" in out.split("left alone")[1]
+    assert cli.main(["cache", "prune"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 1 of 1 decoded dataset(s)" in out
+    assert sorted(p.name for p in cache.iterdir()) == ["best.pt", "last.pt", "notes.pt",
+                                                         "omniglot-other.pt"]
+
+
+def test_csv_with_repeated_rows_or_only_a_header_is_refused(tmp_path, cache):
+    root = tmp_path / "miniimagenet"
+    (root / "images").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg"):
+        Image.fromarray(np.zeros((84, 84, 3), dtype=np.uint8)).save(root / "images" / name)
+    (root / "train.csv").write_text("filename,label\na.jpg,n1\nb.jpg,n1\na.jpg,n1\n")
+    with pytest.raises(DataError, match=r"train.csv, line 4: a.jpg is listed again \(first on "
+                                        r"line 2\).*remove the repeated rows"):
+        load_miniimagenet("meta_train", str(tmp_path))
+    (root / "train.csv").write_text("filename,label\n")
+    with pytest.raises(DataError, match=r"train.csv lists no images \(only its header\)"):
+        load_miniimagenet("meta_train", str(tmp_path))

@@ -118,3 +118,110 @@ def test_a_rank_without_tasks_contributes_zeros():
              for i in (slice(0, 2), slice(2, 4))]
     assert torch.allclose(parts[0][0] + parts[1][0], whole[0], rtol=1e-6, atol=1e-7)
     assert torch.allclose(parts[0][1] + parts[1][1], whole[1], rtol=1e-6)
+
+
+# -- one process of a torchrun run ending (issue 24) ---------------------------------------------
+
+def _peer_worker(rank, world, init_file, out):
+    """Rank 1 ends abruptly; rank 0, waiting for it in an all_reduce, runs through the command
+    line's error handling."""
+    import datetime
+    import io
+    from contextlib import redirect_stderr
+    from imaml import cli
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.barrier()
+    if rank == 1:
+        os._exit(3)  # as if killed: no teardown, no message
+
+    def collective(args):
+        dist.all_reduce(torch.ones(4))
+        return 0
+
+    cli._synthetic = collective
+    err = io.StringIO()
+    with redirect_stderr(err):
+        code = cli.main(["synthetic", "--out", "unused"])
+    with open(out, "w") as f:
+        f.write(f"{code}\n{err.getvalue()}")
+    os._exit(0)
+
+
+def test_a_rank_left_alone_by_its_peer_stops_with_a_message_not_a_bug_report(tmp_path):
+    """A peer that ends makes this rank's collective fail: the command line says that another
+    process ended (exit 2), not "an unexpected internal error ... report it as a bug"."""
+    out = tmp_path / "rank0.txt"
+    ctx = mp.start_processes(_peer_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2,
+                             join=False, start_method="spawn")
+    for p in ctx.processes:
+        p.join(timeout=120)
+    code, err = out.read_text().split("\n", 1)
+    assert code == "2", err
+    assert "another process of this torchrun run ended" in err
+    assert "report it as a bug" not in err and "Traceback" not in err
+
+
+SLEEPER = '''
+import sys, time
+from imaml.distributed import init_from_env
+init_from_env()
+open(sys.argv[1] + "." + __import__("os").environ["RANK"], "w").close()
+time.sleep(300)
+'''
+
+
+def _descendants(pid):
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_do_not_outlive_a_killed_torchrun_agent(tmp_path):
+    """SIGKILL to the torchrun agent (it cannot stop its workers then): the workers end within
+    seconds instead of training on as orphans."""
+    import signal
+    import time
+    script = tmp_path / "sleeper.py"
+    script.write_text(SLEEPER)
+    ready = tmp_path / "ready"
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node=2", str(script), str(ready)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while not all((tmp_path / f"ready.{r}").exists() for r in (0, 1)):
+            assert time.time() < deadline and agent.poll() is None, "the workers never started"
+            time.sleep(0.2)
+        workers = [p for p in _descendants(agent.pid) if _alive(p)]
+        assert len(workers) >= 2
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        deadline = time.time() + 30
+        while any(_alive(p) for p in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in workers), "workers outlived their torchrun agent"
+    finally:
+        for p in workers + _descendants(agent.pid) + [agent.pid]:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass

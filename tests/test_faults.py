@@ -244,3 +244,290 @@ def test_repeated_sigkills_leave_a_whole_history_identical_to_an_uninterrupted_r
             shutil.rmtree(run, ignore_errors=True)
     assert resumed_kills >= 2, "too few kills of resumed runs to test anything: lengthen the run"
     assert rows(run) == rows(ref) and len([r for r in rows(ref) if r[1] == "train"]) == 400
+
+
+# -- run folders: nothing overwritten, nothing mislabelled (issue 24) ---------------------------
+
+def _tiny_run(run, overrides, resume=False, log=None, **kw):
+    from test_train import SYNTH, synthetic_samplers
+    from imaml import conv4
+    from imaml.train import load_config, train
+    torch.manual_seed(0)
+    return train(load_config(None, SYNTH + overrides), str(run), resume=resume, progress=False,
+                 log=log or (lambda m: None), network=conv4(1, 3, hidden=8, image_size=8),
+                 samplers=synthetic_samplers(), **kw)
+
+
+def test_a_new_run_refuses_a_folder_holding_any_record(tmp_path, capsys):
+    from imaml import cli
+    run = tmp_path / "run"
+    _tiny_run(run, ["meta_iters=2", "val_every=1", "val_tasks=2"])
+    (run / "last.pt").unlink()  # the guard once looked at last.pt only
+    before = {p: (run / p).read_bytes() for p in ("metrics.csv", "best.pt")}
+    with pytest.raises(ValueError, match=r"already holds the records of a run \(best\.pt, "
+                                         r"metrics\.csv, train_summary\.json, curves\.png\).*"
+                                         r"cannot be resumed \(no last\.pt\).*another --out"):
+        _tiny_run(run, ["meta_iters=2"])
+    assert {p: (run / p).read_bytes() for p in before} == before
+    assert cli.main(["train", "meta_iters=1", "--no-test", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds the records of a run" in err and "Traceback" not in err
+    # a run that failed before its first iteration (bad data, say) left no record to protect
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "metrics.csv").write_text("iteration,split,loss\n")
+    _tiny_run(failed, ["meta_iters=1"])
+    assert len(read_metrics(failed)) >= 1
+
+
+def test_resume_without_best_pt_says_so_and_rederives_the_best(tmp_path):
+    run = tmp_path / "run"
+    over = ["val_every=2", "val_tasks=4", "checkpoint_every=2"]
+    _tiny_run(run, over + ["meta_iters=4"])
+    (run / "best.pt").unlink()
+    messages = []
+    summary = _tiny_run(run, over + ["meta_iters=6"], resume=True, log=messages.append)
+    assert any("best.pt is missing" in m and "cannot be restored" in m for m in messages)
+    from imaml.checkpoint import load_checkpoint
+    val = {int(r["iteration"]): float(r["accuracy"]) for r in read_metrics(run) if r["split"] == "val"}
+    best = load_checkpoint(run / "best.pt")
+    # 'best' is the best of the validations after the resume (iteration 6), not the lost one
+    assert best["iteration"] == 6 and summary["best_val"] == val[6] == best["best_val"]
+
+
+def test_resume_below_the_checkpoint_iteration_refuses(tmp_path):
+    run = tmp_path / "run"
+    _tiny_run(run, ["meta_iters=4", "checkpoint_every=2"])
+    with pytest.raises(ValueError, match="at iteration 4, past meta_iters=3: nothing would be "
+                                         "trained.*meta_iters above 4"):
+        _tiny_run(run, ["meta_iters=3", "checkpoint_every=2"], resume=True)
+    messages = []
+    _tiny_run(run, ["meta_iters=4", "checkpoint_every=2"], resume=True, log=messages.append)  # finishing it again
+    assert any("nothing is left to train" in m for m in messages)
+
+
+def test_resume_refuses_an_edited_config_json_and_uses_the_runs_own(tmp_path, monkeypatch,
+                                                                    capsys):
+    import json
+    from imaml import cli
+    from imaml import train as train_module
+    run = tmp_path / "run"
+    _tiny_run(run, ["meta_iters=2"])
+    held = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**held, "meta_iters": 9}))
+    with pytest.raises(ValueError, match=r"config\.json was edited after the run wrote it "
+                                         r"\(meta_iters: 9 in the file, 4 in this resume\).*"
+                                         r"write over it"):
+        _tiny_run(run, ["meta_iters=4"], resume=True)
+    assert json.loads((run / "config.json").read_text())["meta_iters"] == 9  # not rewritten
+    # a resume with another config is told where the run's own one is
+    with pytest.raises(ValueError, match=r"different config.*lam.*The run's own config is "
+                                         r".*config\.json: resume with it"):
+        _tiny_run(run, ["meta_iters=9", "lam=3"], resume=True)
+    # from the command line, --resume without a config resumes with the run's own
+    seen = {}
+    monkeypatch.setattr(train_module, "train",
+                        lambda cfg, out, **k: seen.update(cfg=cfg) or {"rank": 1})
+    assert cli.main(["train", "--resume", "--no-test", "--out", str(run)]) == 0
+    assert seen["cfg"].meta_iters == 9 and seen["cfg"].ways == 3
+    assert "resuming with the run's own config" in capsys.readouterr().out
+
+
+# -- divergence the guard must see (issue 24) ---------------------------------------------------
+
+def test_a_first_iteration_blow_up_stops_the_run(tmp_path):
+    """MAML with a huge fixed inner step: a finite loss of millions at iteration 1 (the
+    yardsticks were once taken from it, and the run exited 0)."""
+    from imaml.functional import NonFiniteError
+    with pytest.raises(NonFiniteError, match=r"diverged: the training loss of iteration 1 is "
+                                             r".*times the loss of chance.*lower inner_lr"):
+        _tiny_run(tmp_path / "run", ["method=maml", "inner_lr=1e4", "inner_steps=1",
+                                     "inner_adaptive=false", "inner_tol=0", "meta_iters=3"])
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
+def test_an_all_zero_meta_gradient_run_is_refused(tmp_path):
+    """Reptile with inner_lr 1e4 and adaptive steps: every trial step is rejected, φ = θ, the
+    meta-gradient is exactly 0 and θ never moves."""
+    with pytest.raises(ValueError, match=r"meta-gradient is exactly 0 in iteration 1.*every "
+                                         r"trial step was rejected.*lower inner_lr"):
+        _tiny_run(tmp_path / "run", ["method=reptile", "inner_lr=1e4", "outer=sgd",
+                                     "outer_lr=0.5", "meta_iters=3"])
+
+
+def test_zero_meta_gradients_later_in_a_run_stop_it_after_a_streak(tmp_path, monkeypatch):
+    from imaml import train as train_module
+    real = train_module.mean_meta_gradient
+
+    def zero_after_two(method, model, theta, sampler, indices, *a, **k):
+        g, stats = real(method, model, theta, sampler, indices, *a, **k)
+        return (g * 0 if indices[0] >= 2 * 4 else g), stats
+
+    monkeypatch.setattr(train_module, "mean_meta_gradient", zero_after_two)
+    with pytest.raises(ValueError, match=f"exactly 0 in iterations 3-{2 + train_module.ZERO_STREAK}"):
+        _tiny_run(tmp_path / "run", ["meta_iters=30", "val_every=100", "checkpoint_every=100"])
+
+
+def test_a_suspect_run_never_writes_over_its_last_good_checkpoint(tmp_path, monkeypatch):
+    """The weights grow 20x at iteration 3 (suspect, not yet diverged; the loss follows),
+    then the run diverges: the checkpoints taken while it was suspect are not written,
+    last.pt stays at iteration 2, and the message advises resuming from that one."""
+    from imaml import train as train_module
+    from imaml.checkpoint import load_checkpoint
+    from imaml.functional import NonFiniteError
+    real = train_module.apply_meta_gradient
+    calls = []
+
+    def grow(model, opt, g):
+        real(model, opt, g)
+        calls.append(1)
+        factor = {3: 20.0, 5: 10.0}.get(len(calls))
+        if factor:
+            with torch.no_grad():
+                for p in model.module.parameters():
+                    p.mul_(factor)
+
+    monkeypatch.setattr(train_module, "apply_meta_gradient", grow)
+    messages = []
+    with pytest.raises(NonFiniteError, match="diverged: the outer step of iteration [45] .*"
+                                             "last.pt still holds iteration 2, which --resume"):
+        _tiny_run(tmp_path / "run", ["meta_iters=8", "checkpoint_every=1", "val_every=100"],
+                  log=messages.append)
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 2
+
+
+def test_a_norm_that_grows_steadily_past_the_suspect_factor_keeps_its_checkpoints(tmp_path,
+                                                                                 monkeypatch):
+    """A long run may grow θ's norm many times over (a 2-hour run grew it 4x): growth of 1.6x
+    per iteration, 17x in all, is never suspect, since the yardstick is the norm at the last
+    checkpoint written; last.pt follows every iteration. The convolutions are scaled (batch
+    norm follows each: the loss does not change), so only the norm moves."""
+    from imaml import train as train_module
+    from imaml.checkpoint import load_checkpoint
+    real = train_module.apply_meta_gradient
+
+    def grow(model, opt, g):
+        real(model, opt, g)
+        with torch.no_grad():
+            for p in model.module.parameters():
+                if p.dim() == 4:
+                    p.mul_(1.6)
+
+    monkeypatch.setattr(train_module, "apply_meta_gradient", grow)
+    messages = []
+    _tiny_run(tmp_path / "run", ["meta_iters=8", "checkpoint_every=1", "val_every=100"],
+              log=messages.append)
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck["iteration"] == 8
+    assert ck["reference"]["checkpoint_norm"] > train_module.SUSPECT * ck["reference"]["param_norm"]
+    assert not any("sign of divergence" in m for m in messages)
+
+
+# -- checkpoints and config files: named faults, not tracebacks or wrong advice (issue 24) -------
+
+def test_a_damaged_checkpoint_is_named_for_what_it_is(tmp_path, capsys):
+    from imaml import cli
+    from imaml.checkpoint import FORMAT, VERSION, build_network, save_checkpoint
+    net = build_network("omniglot", 5)
+    with torch.no_grad():
+        next(net.parameters())[0].fill_(float("nan"))
+    save_checkpoint(tmp_path / "nan.pt", net, dataset="omniglot", ways=5, shots=1, queries=1,
+                    method={"name": "imaml-gd"})
+    good = build_network("omniglot", 5).state_dict()
+    for missing in ("dataset", "ways", "method"):
+        obj = {"format": FORMAT, "version": VERSION, "dataset": "omniglot", "ways": 5, "shots": 1,
+               "queries": 1, "method": {"name": "imaml-gd"}, "state_dict": good}
+        del obj[missing]
+        torch.save(obj, tmp_path / f"no-{missing}.pt")
+    cases = [(["eval", str(tmp_path / "nan.pt")], "holds non-finite weights .*0.weight.*diverged"),
+             (["eval", str(tmp_path)], "is a folder; name the checkpoint file in it"),
+             (["eval", str(tmp_path / "no-dataset.pt")], "lacks dataset"),
+             (["eval", str(tmp_path / "no-ways.pt")], "lacks ways"),
+             (["eval", str(tmp_path / "no-method.pt")], "lacks method"),
+             (["solver-accuracy", "--checkpoint", f"a={tmp_path / 'no-ways.pt'}", "--out",
+               str(tmp_path / "o")], "lacks ways"),
+             (["solver-accuracy", "--checkpoint", "a=x.pt", "--checkpoint", "a=y.pt", "--out",
+               str(tmp_path / "o")], "label 'a' is given twice"),
+             (["train", str(tmp_path), "--out", str(tmp_path / "r")],
+              "config file .* is a folder; name the JSON file"),
+             (["train", "inner_step=3", "--out", str(tmp_path / "r")],
+              "unknown config field 'inner_step' \\(did you mean 'inner_steps'\\?\\)")]
+    import re
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, (argv, err)
+        assert "lower the learning rate" not in err and "does not exist" not in err, (argv, err)
+
+
+@pytest.mark.parametrize("flag", ["--shots", "--ways", "--queries"])
+def test_eval_refuses_zero_shots_ways_or_queries(flag, capsys):
+    from imaml import cli
+    with pytest.raises(SystemExit) as e:  # argparse: exit 2 with the flag named
+        cli.main(["eval", "unused.pt", flag, "0"])
+    assert e.value.code == 2
+    assert f"argument {flag}: every value must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"lam": 2.0, "lam": 3.0}', "'lam' given twice; keep one"),
+    ('{"inner_tol": Infinity}', "Infinity is not a JSON number"),
+    ('{"lam": NaN}', "NaN is not a JSON number"),
+])
+def test_config_files_with_a_repeated_key_or_no_number_are_refused(tmp_path, text, message):
+    from imaml.train import load_config
+    (tmp_path / "c.json").write_text(text)
+    with pytest.raises(ValueError, match=f"config file .*c.json: {message}"):
+        load_config(str(tmp_path / "c.json"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("inner_tol=inf", "inner_tol must be >= 0 and finite"),
+    ("inner_tol=nan", "inner_tol must be >= 0 and finite"),
+    ("momentum=inf", r"momentum must be in \[0, 1\)"),
+    ("prox_lam=inf", "prox_lam must be a finite number"),
+    ("hf_damping=inf", "damping must be a finite number"),
+    ("lam_lr=nan", "lam_lr must be > 0 and finite"),
+    ("outer_lr_min=nan", r"outer_lr_min must lie in \[0, outer_lr\]")])
+def test_no_config_field_takes_a_non_finite_number(override, message):
+    """inner_tol=inf once made every inner solve 'converge' at step 0, and config.json then
+    held the non-JSON token Infinity."""
+    from imaml.train import load_config
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
+
+
+def test_a_full_disk_advises_resume_only_to_a_training(tmp_path, monkeypatch, capsys):
+    from imaml import cli, records
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(records.os, "fsync", full)
+    monkeypatch.setattr(cli, "_synthetic", lambda args: records.write_text_atomic("x", tmp_path / "r.json") and 0)
+    assert cli.main(["synthetic", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the disk to write" in err and "--resume" not in err
+    from imaml import train as train_module
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: records.write_text_atomic(
+        "x", tmp_path / "last.pt"))
+    assert cli.main(["train", "--no-test", "--out", str(tmp_path / "run")]) == 2
+    assert "with --resume, the training continues" in capsys.readouterr().err
+
+
+def test_a_config_json_written_by_a_resume_that_stopped_is_not_an_edit(tmp_path):
+    """A resume with --allow-change writes config.json with the new rate, then stops (diverged,
+    killed) before its first checkpoint: the file differs from last.pt's config, but the run
+    wrote it, so the next resume is not refused as an edit."""
+    import json
+    run = tmp_path / "run"
+    _tiny_run(run, ["meta_iters=2"])
+    held = json.loads((run / "config.json").read_text())
+    from imaml.train import CONFIG_DIGEST, _config_digest
+    fields = {k: v for k, v in held.items() if k != CONFIG_DIGEST}
+    fields["outer_lr"] = 0.5  # what the stopped resume wrote
+    (run / "config.json").write_text(json.dumps({**fields, CONFIG_DIGEST: _config_digest(fields)}))
+    summary = _tiny_run(run, ["meta_iters=3", "outer_lr=0.005"], resume=True,
+                        allow_change=["outer_lr"])
+    assert summary["iterations"] == 3

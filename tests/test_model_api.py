@@ -169,3 +169,78 @@ def test_methods_take_theta_as_a_parameter_dict(method):
     as_dict = method.meta_gradient(fm, fm.unflatten(fm.theta()), task)
     assert torch.equal(flat.grad, as_dict.grad) and torch.equal(flat.phi, as_dict.phi)
     assert set(fm.unflatten(as_dict.grad)) == set(fm.names)
+
+
+# -- arguments checked at the call, naming the argument (issue 24) ------------------------------
+
+def test_api_arguments_are_checked_at_the_call_naming_the_argument():
+    import numpy as np
+    from imaml import meta_step
+    fm = FunctionalModel(mlp())
+    task = make_task()
+    x, y = task.x_support, task.y_support
+    cases = [
+        (lambda: IMAML(lam=None), TypeError, "lam must be a number, got NoneType"),
+        (lambda: IMAML(lam=float("inf")), ValueError, "lam must be > 0 and finite"),
+        (lambda: GradientDescent(steps="5"), TypeError, "steps must be a whole number.*str '5'"),
+        (lambda: GradientDescent(tol=float("inf")), ValueError, "tol must be >= 0 and finite"),
+        (lambda: IMAML(cg_max_iter=2.5), TypeError, "cg_max_iter must be a whole number"),
+        (lambda: IMAML(inner=None), TypeError, "inner must be an imaml inner solver"),
+        (lambda: MAML(inner=torch.optim.SGD), TypeError, "inner must be.*a class, not an instance"),
+        (lambda: FunctionalModel(mlp(), loss_fn=None), TypeError, "loss_fn must be a function"),
+        (lambda: FunctionalModel("net"), TypeError, "module must be a torch.nn.Module"),
+        (lambda: IMAML().meta_gradient(fm, fm.theta().tolist(), task), TypeError,
+         "theta must be a flat tensor.*got list.*torch.as_tensor"),
+        (lambda: FOMAML().meta_gradient(fm, fm.theta().numpy(), task), TypeError,
+         "theta must be a flat tensor.*got ndarray"),
+        (lambda: Reptile().meta_gradient(fm, fm.theta(), (x, y, x, y)), TypeError,
+         "task must be an imaml.Task"),
+        (lambda: Task(x, y.numpy(), x, y), TypeError, "targets of the support set must be a torch"),
+        (lambda: Task(x, y, np.asarray(x), y), TypeError, "inputs of the query set must be torch"),
+        (lambda: Task(x[:0], y[:0], x, y), ValueError, "the support set is empty"),
+        (lambda: Task(x, y, x[:0], y[:0]), ValueError, "the query set is empty"),
+        (lambda: meta_step(FOMAML(), fm, torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1),
+                           [task]), ValueError, "optimizer does not step 4 of the 4 parameter"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            call()
+
+
+def test_a_loss_that_cannot_give_a_meta_gradient_is_named():
+    net = mlp()
+    task = make_task()
+    for loss_fn, kind, message in (
+            (lambda out, y: 1.0, TypeError, "loss_fn must return a torch tensor.*float"),
+            (lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"), ValueError,
+             r"loss_fn must return a single value.*shape \(9,\)")):
+        with pytest.raises(kind, match=message):
+            FOMAML().meta_gradient(FunctionalModel(net, loss_fn=loss_fn),
+                                   FunctionalModel(net).theta(), task)
+    # regression targets [N] against outputs [N, 1]: torch would broadcast them to [N, N]
+    reg = FunctionalModel(nn.Linear(4, 1).double(), loss_fn=nn.functional.mse_loss)
+    yr = torch.randn(9, dtype=torch.float64)
+    bad = Task(task.x_support, yr, task.x_support, yr)
+    with pytest.raises(ValueError, match=r"targets of shape \(9,\) against outputs of shape "
+                                         r"\(9, 1\) would be broadcast to \(9, 9\)"):
+        IMAML().meta_gradient(reg, reg.theta(), bad)
+    good = Task(task.x_support, yr[:, None], task.x_support, yr[:, None])
+    assert torch.isfinite(IMAML().meta_gradient(reg, reg.theta(), good).grad).all()
+
+
+def test_a_loaded_model_refuses_a_support_set_of_fewer_classes_than_its_ways(tmp_path):
+    """A 5-way model adapted on 3 classes would still predict among 5: refused, naming why."""
+    import numpy as np
+    from imaml.checkpoint import MetaModel, build_network, save_checkpoint
+    save_checkpoint(tmp_path / "m.pt", build_network("omniglot", 5), dataset="omniglot", ways=5,
+                    shots=1, queries=1, method={"name": "imaml-gd", "inner_steps": 1})
+    mm = MetaModel.load(tmp_path / "m.pt")
+    x = torch.rand(5, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"labels 0..4 of this 5-way model.*\[0, 1, 2\]"):
+        mm.predict(x[:3], torch.arange(3), x)
+    with pytest.raises(TypeError, match="x_query must be a torch.Tensor, got ndarray"):
+        mm.predict(x, torch.arange(5), np.zeros((2, 1, 28, 28)))
+    with pytest.raises(ValueError, match=r"x_query has shape \(5, 1, 32, 32\); this omniglot "
+                                         r"network takes images \[N, 1, 28, 28\]"):
+        mm.predict(x, torch.arange(5), torch.rand(5, 1, 32, 32))
+    assert mm.predict(x, torch.arange(5), x).shape == (5,)

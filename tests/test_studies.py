@@ -18,10 +18,13 @@ def test_solver_accuracy_rows_and_table():
     rows = _task_rows(fm, method, fm.theta(), task, 2.0, (5, 40), ref_tol=1e-6)
     assert len(rows) == 2 * 5 * 2
     err = {(r["phi"], r["solver"], r["iterations"]): r["rel_error"] for r in rows}
-    # MINRES on the exact system at the reference φ converges to the reference itself, and
-    # more iterations never make it worse (it minimises the residual)
-    assert err[("reference", "MINRES", 40)] < 1e-6
-    assert err[("reference", "MINRES", 40)] <= err[("reference", "MINRES", 5)]
+    # MINRES on the exact system at the reference φ converges to the reference itself: from
+    # 0.33 at 5 iterations to about 1e-6 at 40 (9.7e-7 here, 1.05e-6 on another machine of
+    # this kind: the last digits of an indefinite solve depend on the machine's rounding), so
+    # the test asks for five orders of magnitude less error than at 5 iterations, and for
+    # 1e-5, ten times the largest error measured
+    assert err[("reference", "MINRES", 40)] < 1e-5
+    assert err[("reference", "MINRES", 40)] < 1e-5 * err[("reference", "MINRES", 5)]
     # the official damped operator solves another system: its error does not vanish
     assert err[("reference", "official 2I + H/(λ+10)", 40)] > 0.1
     for r in rows:
@@ -73,3 +76,37 @@ def test_time_to_accuracy_thresholds_from_the_command_line(tmp_path, capsys):
     assert "| r | maml | 1.0 | 2.0 | not reached | 88.00% | 2.0 |" in out
     saved = json.loads((tmp_path / "o" / "time_to_accuracy.json").read_text())
     assert saved["thresholds"] == [0.8, 0.85, 0.9]
+
+
+def _run_folder(path, config=None, metrics=None, packed=None):
+    path.mkdir()
+    if config is not None:
+        (path / "config.json").write_text(config)
+    if metrics is not None:
+        (path / "metrics.csv").write_text(metrics)
+    if packed is not None:
+        (path / "metrics.csv.gz").write_bytes(packed)
+    return str(path)
+
+
+@pytest.mark.parametrize("config,metrics,packed,message", [
+    ('{"dataset": "omniglot", "ways": 5, "shots": 1, "method": "maml"}',
+     "iteration,split,loss,accuracy,ci95,grad_norm,seconds\n1,train,1,0.5,,1,30\n", None,
+     "hold no validation rows"),
+    ('{"dataset": "omniglot", "ways": 5, "shots": 1, "method": "maml"}', None, b"\x1f\x8b garbage",
+     r"metrics.csv.gz cannot be read .*truncated or corrupt"),
+    ("{}", "iteration,split,accuracy,seconds\n", None,
+     "not the config of an imaml run: it lacks dataset, ways, shots, method"),
+    ("{not json", "iteration,split,accuracy,seconds\n", None, "config.json is not valid JSON"),
+    ('{"dataset": "omniglot", "ways": 5, "shots": 1, "method": "maml"}', "a,b\n1,2\n", None,
+     "not the metrics of an imaml run: it lacks the column\\(s\\) iteration, split"),
+])
+def test_time_to_accuracy_refuses_records_it_cannot_time(tmp_path, config, metrics, packed,
+                                                          message, capsys):
+    from imaml import cli
+    run = _run_folder(tmp_path / "run", config, metrics, packed)
+    assert cli.main(["time-to-accuracy", run, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out" / "time_to_accuracy.md").exists()

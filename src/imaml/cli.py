@@ -7,6 +7,10 @@ import sys
 
 
 def _synthetic(args) -> int:
+    if args.table1:  # issue 27: Table 1 against the condition number (imaml.table1)
+        from . import table1
+        table1.run(args.out)
+        return 0
     from .synthetic import run
     run(args.out, skip_compute=args.skip_compute, reps=args.reps)
     return 0
@@ -47,12 +51,12 @@ def _eval(args) -> int:
         except ValueError as e:
             flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
             raise ValueError(f"{flags}: {e}") from None
-    ways = args.ways or info["ways"]
+    ways = info["ways"] if args.ways is None else args.ways
     if ways != info["ways"]:
         raise ValueError(f"the checkpoint's network is {info['ways']}-way; it cannot be "
                          f"evaluated on {ways}-way tasks")
-    shots = args.shots or info["shots"]
-    queries = args.queries or info["queries"]
+    shots = info["shots"] if args.shots is None else args.shots
+    queries = info["queries"] if args.queries is None else args.queries
     kw = {"download_missing": True} if args.download and info["dataset"] == "omniglot" else {}
     classes = load_split(info["dataset"], args.split, args.data_dir, **kw)
     sampler = TaskSampler(classes, ways, shots, queries, seed=args.seed)
@@ -79,6 +83,12 @@ def _train(args) -> int:
     from .train import load_config, task_sampler, test_best, train
     if args.config and "=" in args.config and not args.config.endswith(".json"):
         args.overrides, args.config = [args.config] + args.overrides, None
+    if args.resume and not args.config and args.out:
+        from pathlib import Path
+        own = Path(args.out) / "config.json"
+        if own.is_file():  # the run's own config, the overrides on top (not the defaults)
+            args.config = str(own)
+            print(f"resuming with the run's own config {own}")
     cfg = load_config(args.config, args.overrides)
     out = args.out or f"runs/{cfg.dataset}-{cfg.ways}w{cfg.shots}s-{cfg.method}"
     if args.data_dir:
@@ -141,6 +151,9 @@ def _solver_accuracy(args) -> int:
         label, sep, path = item.partition("=")
         if not sep or not label or not path:
             raise ValueError(f"--checkpoint expects NAME=PATH, got {item!r}")
+        if label in checkpoints:
+            raise ValueError(f"--checkpoint label {label!r} is given twice ({checkpoints[label]} "
+                             f"and {path}); give each checkpoint its own NAME")
         checkpoints[label] = path
     if args.tasks < 1:
         raise ValueError(f"--tasks must be at least 1, got {args.tasks}")
@@ -161,18 +174,21 @@ def _time_to_accuracy(args) -> int:
 
 def _cache(args) -> int:
     from .data.common import cache_dir, cache_files
-    files = cache_files()
+    files, others = cache_files()  # only files carrying the cache's header are ever deleted
     if args.action == "list":
         print(f"{cache_dir()}: {len(files)} decoded dataset(s), "
               f"{sum(f.stat().st_size for f in files) / 2**20:.1f} MiB")
         for f in files:
             print(f"  {f.name}  {f.stat().st_size / 2**20:.1f} MiB")
-        return 0
-    keep = files[:args.keep]
-    for f in files[args.keep:]:
-        f.unlink()
-    print(f"removed {len(files) - len(keep)} of {len(files)} decoded dataset(s) from "
-          f"{cache_dir()} (kept the {len(keep)} newest); they are rebuilt when next needed")
+    else:
+        keep = files[:args.keep]
+        for f in files[args.keep:]:
+            f.unlink()
+        print(f"removed {len(files) - len(keep)} of {len(files)} decoded dataset(s) from "
+              f"{cache_dir()} (kept the {len(keep)} newest); they are rebuilt when next needed")
+    if others:
+        print(f"left alone: {len(others)} other file(s) or folder(s) the cache did not write "
+              f"({', '.join(p.name for p in others[:5])}{', ...' if len(others) > 5 else ''})")
     return 0
 
 
@@ -185,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-compute", action="store_true",
                    help="only part (a), the accuracy study (seconds instead of minutes)")
     s.add_argument("--reps", type=_positive_int, default=3, help="timed repetitions per figure (median)")
+    s.add_argument("--table1", action="store_true", help="instead: the paper's Table 1 measured "
+                   "against the condition number κ (compute, memory, error; table1.json/.md/.png)")
     s.set_defaults(fn=_synthetic)
 
     t = sub.add_parser("train", help="meta-train (Algorithm 1) from a config file")
@@ -236,9 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "cpu, cuda or cuda:N (default auto)")
     e.add_argument("--seed", type=int, default=0,
                    help="task seed: the same seed gives every method the same tasks")
-    e.add_argument("--ways", type=int, help="default: the checkpoint's")
-    e.add_argument("--shots", type=int, help="default: the checkpoint's")
-    e.add_argument("--queries", type=int, help="default: the checkpoint's")
+    e.add_argument("--ways", type=_positive_int, help="default: the checkpoint's")
+    e.add_argument("--shots", type=_positive_int, help="default: the checkpoint's")
+    e.add_argument("--queries", type=_positive_int, help="default: the checkpoint's")
     e.add_argument("--inner-steps", type=int, help="inner steps of the adaptation (default: the "
                    "checkpoint's); choose it on --split meta_val, never on meta_test")
     e.add_argument("--inner-lr", type=float, help="inner step size of the adaptation (default: "
@@ -302,13 +320,26 @@ def main(argv=None) -> int:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
                            errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST):
             raise
-        print(f"imaml {args.command}: error: {e.strerror if e.filename is None else e}",
+        resume = (" (with --resume, the training continues from its last checkpoint)"
+                  if args.command == "train" and e.errno in (errno.ENOSPC, errno.EDQUOT)
+                  else "")
+        print(f"imaml {args.command}: error: {e.strerror if e.filename is None else e}{resume}",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        from .distributed import peer_failure
+        if peer_failure(e):  # under torchrun: another rank ended; its own message says why
+            import torch.distributed as dist
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            print(f"imaml {args.command}: error: rank {dist.get_rank()} stops: another process "
+                  f"of this torchrun run ended (its own message, if it printed one, says why; "
+                  f"a process killed, e.g. for lack of memory, prints none)"
+                  + (". The records are whole: continue with --resume" if args.command == "train"
+                     else "") + f". ({first})", file=sys.stderr)
+            return 2
         import traceback
         traceback.print_exc()
         print(f"imaml {args.command}: an unexpected internal error (traceback above); please "

@@ -115,6 +115,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0 < value < math.inf:
                 raise ValueError(f"{name} must be > 0 and finite, got {value}")
+        if not 0 <= self.inner_tol < math.inf:  # inf: every solve "converged" at step 0
+            raise ValueError(f"inner_tol must be >= 0 and finite, got {self.inner_tol}")
         if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
             raise ValueError(f"max_minutes must be > 0 (or null: no budget), got {self.max_minutes}")
         if self.eval_inner_steps is not None and self.eval_inner_steps < 1:
@@ -140,6 +142,10 @@ class TrainConfig:
         if not 0 <= self.outer_lr_min <= self.outer_lr:
             raise ValueError(f"outer_lr_min must lie in [0, outer_lr], got {self.outer_lr_min}")
         build_method(self.method_config())  # the method's own checks (lam > 0, ...)
+        for f in dataclasses.fields(self):  # no NaN or infinity anywhere (config.json is JSON)
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
 def _field_types() -> Dict[str, Any]:
@@ -155,7 +161,9 @@ def _field_types() -> Dict[str, Any]:
 def _coerce(name: str, value: Any, from_text: bool) -> Any:
     types = _field_types()
     if name not in types:
-        close = [k for k in types if k.split("_")[0] == name.split("_")[0]]
+        import difflib
+        close = (difflib.get_close_matches(name, types, n=1, cutoff=0.75)
+                 or [k for k in types if k.split("_")[0] == name.split("_")[0]])
         raise ValueError(f"unknown config field {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                          + f"; fields: {', '.join(sorted(types))}")
     typ, optional = types[name]
@@ -179,17 +187,37 @@ def _coerce(name: str, value: Any, from_text: bool) -> Any:
     return value
 
 
+def _no_duplicates(pairs):
+    """A JSON object's pairs as a dict, refusing a key given twice (json keeps the last)."""
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(map(repr, twice))} given twice; keep one")
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number (and not a usable setting); give a finite "
+                     "number")
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
     """A TrainConfig from a JSON file (any subset of fields) and ``key=value`` overrides."""
     values: Dict[str, Any] = {}
     if path:
         p = Path(path)
+        if p.is_dir():
+            raise ValueError(f"config file {p} is a folder; name the JSON file in it (e.g. "
+                             f"{p / 'config.json'})")
         if not p.is_file():
             raise ValueError(f"config file {p} does not exist")
         try:
-            raw = json.loads(p.read_text())
+            raw = json.loads(p.read_text(), object_pairs_hook=_no_duplicates,
+                             parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise ValueError(f"config file {p} is not valid JSON: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"config file {p}: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"config file {p} must hold a JSON object")
         for k, v in raw.items():

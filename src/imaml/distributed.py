@@ -13,6 +13,8 @@ and writes checkpoints. Launch with ``torchrun`` (gloo on CPU, NCCL on GPU):
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from typing import Sequence, Tuple
 
 import torch
@@ -46,12 +48,44 @@ def init_from_env(device: torch.device = torch.device("cpu")) -> Tuple[int, int]
     NCCL when this process computes on a GPU (its own, ``device``), gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
+        die_with_the_launcher()
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def die_with_the_launcher() -> None:
+    """Under torchrun, end this worker when its launcher (the torchrun agent, the parent) ends.
+    Killed with SIGKILL the agent cannot stop its workers, which trained on as orphans: Linux's
+    PR_SET_PDEATHSIG has the kernel send this process SIGTERM when its parent dies (elsewhere
+    nothing is done). SIGTERM ends a worker at once; its records are whole (atomic writes), and
+    ``--resume`` continues from the last checkpoint."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the call: adopted by init already
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective of this process failing because another process of the
+    group ended (killed, or stopped by its own error): not a bug of this process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return False
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo",
+                            "NCCL", "Broken pipe"))
 
 
 def shard(indices: Sequence[int], rank: int, world: int) -> list:

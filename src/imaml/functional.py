@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vjp
 
+from . import checks
 from .tasks import _map
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -55,6 +56,9 @@ class FunctionalModel:
 
     def __init__(self, module: nn.Module, loss_fn: LossFn = nn.functional.cross_entropy,
                  adapt: Optional[Iterable[str]] = None):
+        checks.instance("module", module, (nn.Module,), "a torch.nn.Module")
+        checks.function("loss_fn", loss_fn, "a function loss_fn(outputs, targets) -> scalar "
+                        "tensor")
         tracking = [n for n, m in module.named_modules()
                     if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
         if tracking:
@@ -64,7 +68,7 @@ class FunctionalModel:
                 "tasks and between support and query sets. Build it with "
                 "track_running_stats=False (transductive batch norm, as in MAML)")
         self.module = module
-        self.loss_fn = loss_fn
+        self.loss_fn = checks.checked_loss(loss_fn)  # a tensor of one value, no broadcasting
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the module has no trainable parameters")

@@ -40,6 +40,7 @@ from typing import Callable, List, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from . import checks
 from .functional import NonFiniteError, ProximalProblem, check_finite
 from .linear import cg_state
 
@@ -95,12 +96,10 @@ class InnerState(NamedTuple):
 
 
 def _check_args(steps: int, tol: float, lr: Optional[float] = None) -> None:
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    if tol < 0 or tol != tol:
-        raise ValueError(f"tol must be >= 0, got {tol}")
-    if lr is not None and not 0 < lr < float("inf"):
-        raise ValueError(f"lr must be > 0 and finite, got {lr}")
+    checks.whole("steps", steps, minimum=0)
+    checks.number("tol", tol, minimum=0)  # an infinite tol would "converge" at step 0
+    if lr is not None:
+        checks.number("lr", lr, positive=True)
 
 
 def _norm(g: Tensor) -> Tensor:
@@ -515,7 +514,7 @@ class NewtonCG(_Solver):
         _check_args(self.steps, self.tol)
         if not (math.isfinite(self.damping) and self.damping >= 0):
             raise ValueError(f"damping must be a finite number >= 0, got {self.damping}")
-        if self.cg_iters < 1:
+        if checks.whole("cg_iters", self.cg_iters) < 1:
             raise ValueError(f"cg_iters must be >= 1, got {self.cg_iters}")
         if not 0 < self.backtrack < 1 or not 0 < self.armijo < 1:
             raise ValueError("backtrack and armijo must lie in (0, 1)")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
+from . import checks
 from .functional import (DEFAULT_HVP, FunctionalModel, ProximalProblem, check_finite,
                          curvature_product, inner_problem)
 from .implicit import implicit_solution
@@ -62,10 +63,19 @@ def accuracy_of(logits: Tensor, y: Tensor) -> Optional[float]:
     return None
 
 
-def flat_theta(model: FunctionalModel, theta) -> Tensor:
+def flat_theta(model: FunctionalModel, theta, task=None) -> Tensor:
     """θ as the flat vector the methods work on: given flat, or as a name -> tensor dict in
-    the model's layout (the meta-gradient comes back flat: ``model.unflatten(res.grad)``)."""
-    return model.flatten(theta) if isinstance(theta, dict) else theta
+    the model's layout (the meta-gradient comes back flat: ``model.unflatten(res.grad)``).
+    Checks the arguments of a method's entry points (and ``task``, when given)."""
+    checks.instance("model", model, (FunctionalModel,), "an imaml.FunctionalModel (wrap the "
+                    "module: FunctionalModel(module))")
+    if task is not None:
+        checks.instance("task", task, (Task,), "an imaml.Task(x_support, y_support, x_query, "
+                        "y_query)")
+    if isinstance(theta, dict):
+        return model.flatten(theta)
+    return checks.tensor("theta", theta, "a flat tensor of the model's parameters (model.theta()) "
+                         "or a name -> tensor dict")
 
 
 def _check_lam(lam, positive: bool) -> None:
@@ -74,8 +84,13 @@ def _check_lam(lam, positive: bool) -> None:
             raise ValueError("a tensor lam must hold one finite λ > 0 per parameter (1-D), got "
                              f"shape {tuple(lam.shape)}, values {lam.flatten()[:4].tolist()}")
         return
-    if not (lam > 0 if positive else lam >= 0) or lam != lam or lam == float("inf"):
-        raise ValueError(f"lam must be {'> 0' if positive else '>= 0'} and finite, got {lam}")
+    checks.number("lam", lam, **({"positive": True} if positive else {"minimum": 0}))
+
+
+def _check_inner(inner) -> None:
+    checks.instance("inner", inner, (GradientDescent, Nesterov, NewtonCG, Adam),
+                    "an imaml inner solver (GradientDescent(...), Nesterov(...), NewtonCG(...) or "
+                    "Adam(...); not a torch optimizer)")
 
 
 class _Method:
@@ -130,6 +145,7 @@ class _Baseline(_Method):
 
     def __post_init__(self):
         _check_lam(self.lam, positive=False)
+        _check_inner(self.inner)
 
 
 @dataclass
@@ -168,6 +184,10 @@ class IMAML(_Method):
 
     def __post_init__(self):
         _check_lam(self.lam, positive=True)
+        _check_inner(self.inner)
+        checks.whole("cg_max_iter", self.cg_max_iter)
+        checks.number("cg_rtol", self.cg_rtol, minimum=0)
+        checks.number("cg_atol", self.cg_atol, minimum=0)
         if self.curvature not in ("hessian", "ggn"):
             raise ValueError(f"curvature must be 'hessian' or 'ggn', got {self.curvature!r}")
         if self.linear_solver not in LINEAR_SOLVERS:
@@ -188,7 +208,7 @@ class IMAML(_Method):
         """The task meta-gradient, through the implicit layer (``imaml.implicit_solution``): φ
         from the inner solver, the query loss at φ, and its gradient with respect to θ by the
         layer's linear solve (I + H/λ) g = ∇L_test(φ)."""
-        theta = flat_theta(model, theta).detach().requires_grad_(True)
+        theta = flat_theta(model, theta, task).detach().requires_grad_(True)
         lam = torch.as_tensor(self.lam, dtype=theta.dtype, device=theta.device)
         lam = lam.detach().clone().requires_grad_(True)
         record = {}
@@ -221,7 +241,7 @@ class MAML(_Baseline):
             raise ValueError("MAML back-propagates through GradientDescent or Nesterov only")
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
-        theta = flat_theta(model, theta).detach().requires_grad_(True)
+        theta = flat_theta(model, theta, task).detach().requires_grad_(True)
         with torch.enable_grad():
             inner = self.inner.solve(self.problem(model, theta, task), theta)
             logits = model.forward(inner.phi, task.x_query)
@@ -243,12 +263,12 @@ class TruncatedMAML(_Baseline):
         super().__post_init__()
         if not isinstance(self.inner, GradientDescent):
             raise ValueError("TruncatedMAML unrolls GradientDescent only")
-        if not 0 <= self.truncate <= self.inner.steps:
+        if not 0 <= checks.whole("truncate", self.truncate) <= self.inner.steps:
             raise ValueError(f"truncate must be in [0, inner.steps={self.inner.steps}], "
                              f"got {self.truncate}")
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
-        theta = flat_theta(model, theta).detach().requires_grad_(True)
+        theta = flat_theta(model, theta, task).detach().requires_grad_(True)
         problem = self.problem(model, theta, task)
         head = self.inner.steps - self.truncate
         with torch.no_grad():
@@ -274,7 +294,7 @@ class FOMAML(_Baseline):
     """First-order MAML: the query gradient at the adapted parameters."""
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
-        inner = self.adapt(model, theta, task.x_support, task.y_support)
+        inner = self.adapt(model, flat_theta(model, theta, task), task.x_support, task.y_support)
         g, loss, acc = self._query(model, inner.phi, task)
         return MetaGradient(g, loss, acc, inner.phi.detach(), inner)
 
@@ -284,7 +304,7 @@ class Reptile(_Baseline):
     """Reptile: g = θ − φ_K after inner steps on the support set."""
 
     def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
-        theta = flat_theta(model, theta)
+        theta = flat_theta(model, theta, task)
         inner = self.adapt(model, theta, task.x_support, task.y_support)
         with torch.no_grad():
             logits = model.forward(inner.phi, task.x_query)

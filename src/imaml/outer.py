@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import checks
 from .functional import FunctionalModel, check_finite
 from .meta import MetaGradient
 from .tasks import Task
@@ -40,6 +41,14 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, tasks: Se
 
 def apply_meta_gradient(model: FunctionalModel, optimizer: torch.optim.Optimizer, g: Tensor) -> None:
     """Write the flat meta-gradient ``g`` into the module's ``.grad`` fields and step."""
+    checks.instance("optimizer", optimizer, (torch.optim.Optimizer,), "a torch optimizer over "
+                    "model.module.parameters(), e.g. torch.optim.Adam(module.parameters())")
+    mine = {id(model.module.get_parameter(n)) for n in model.names}
+    theirs = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not mine <= theirs:
+        raise ValueError(f"the optimizer does not step {len(mine - theirs)} of the "
+                         f"{len(mine)} parameter tensors of the model's module (θ would not "
+                         "move there): build it over model.module.parameters()")
     check_finite(g, "meta-gradient")
     optimizer.zero_grad(set_to_none=False)
     for name, gi in model.unflatten(g).items():

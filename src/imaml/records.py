@@ -33,7 +33,7 @@ def write_atomic(path, write: Callable[[BinaryIO], None]) -> Path:
         if full or (not isinstance(e, OSError) and _free_bytes(path.parent) < 1 << 20):
             raise OSError(errno.ENOSPC, f"no space left on the disk to write {path} "
                           f"({_free_bytes(path.parent) >> 20} MiB free); free some space, then "
-                          "resume (--resume) or run again") from e
+                          "run the command again") from e
         raise
     finally:
         if tmp.exists():

@@ -159,14 +159,19 @@ def run(out_dir: str, skip_compute: bool = False, reps: int = 3, progress=print)
     summary_a = results["gradient_error"]["relative_error"]
     for key, ys in summary_a.items():
         progress(f"  {key:>11}: " + " ".join(f"{y:.1e}" for y in ys))
+    path = os.path.join(out_dir, "results.json")
+
+    def write() -> None:  # after each part: an interrupted part (b) keeps part (a)
+        results["machine"] = machine()
+        results["seconds"] = time.time() - t0
+        write_json_atomic(results, path)
+        for p in plot(results, out_dir):
+            progress(f"wrote {p}")
+        progress(f"wrote {path}")
+
+    write()
     if not skip_compute:
         progress("(b) time and peak memory, Omniglot Conv-4 20-way 5-shot ...")
         results["compute_memory"] = compute_memory_study(reps=reps, progress=progress)
-    results["machine"] = machine()
-    results["seconds"] = time.time() - t0
-    path = os.path.join(out_dir, "results.json")
-    write_json_atomic(results, path)
-    for p in plot(results, out_dir):
-        progress(f"wrote {p}")
-    progress(f"wrote {path}")
+        write()
     return results

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import checks
+
 
 def _leaves(x):
     """The tensors of an input: a tensor, a tuple/list of tensors or a dict of tensors."""
@@ -25,6 +27,12 @@ def _map(fn, x):
 
 
 def _count(x, name: str) -> int:
+    for t in _leaves(x):
+        checks.tensor(f"the inputs of the {name} set", t, "torch tensors (a tensor, or a tuple or "
+                      "dict of tensors)")
+        if t.dim() == 0:
+            raise ValueError(f"the inputs of the {name} set need a first dimension of examples, "
+                             "got a 0-d tensor")
     sizes = {int(t.shape[0]) for t in _leaves(x)}
     if len(sizes) != 1:
         raise ValueError(f"the inputs of the {name} set disagree on the number of examples "
@@ -55,6 +63,10 @@ class Task:
         for x, y, name in ((self.x_support, self.y_support, "support"),
                            (self.x_query, self.y_query, "query")):
             n = _count(x, name)
+            checks.tensor(f"the targets of the {name} set", y)
+            if n == 0:
+                raise ValueError(f"the {name} set is empty: a task needs at least one {name} "
+                                 "example")
             if n != y.shape[0]:
                 raise ValueError(f"{name} set has {n} inputs but {y.shape[0]} targets")
 

@@ -12,6 +12,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -22,13 +23,29 @@ THRESHOLDS = (0.95, 0.97, 0.98)
 
 def _rows(run: Path) -> List[Dict[str, str]]:
     plain, packed = run / "metrics.csv", run / "metrics.csv.gz"
-    if plain.is_file():
-        text = plain.read_text()
-    elif packed.is_file():
-        text = gzip.decompress(packed.read_bytes()).decode()
-    else:
+    path = plain if plain.is_file() else packed
+    if not path.is_file():
         raise ValueError(f"{run} holds no metrics.csv or metrics.csv.gz")
-    return list(csv.DictReader(io.StringIO(text)))
+    try:
+        data = path.read_bytes()
+        text = (gzip.decompress(data) if path is packed else data).decode()
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); it is truncated or "
+                         "corrupt: copy it again") from None
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in ("iteration", "split", "accuracy", "seconds")
+               if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path} is not the metrics of an imaml run: it lacks the column(s) "
+                         f"{', '.join(missing)}")
+    return list(reader)
+
+
+def _number(value: str, what: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{what}: {value!r} is not a number") from None
 
 
 def curve(run) -> Dict:
@@ -37,13 +54,26 @@ def curve(run) -> Dict:
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{run} holds no config.json: not a run folder")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    missing = [k for k in ("dataset", "ways", "shots", "method")
+               if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ValueError(f"{cfg_path} is not the config of an imaml run: it lacks "
+                         f"{', '.join(missing)}")
     seconds, points = 0.0, []
-    for r in _rows(run):
+    for i, r in enumerate(_rows(run), start=2):
+        where = f"{run}/metrics.csv, row {i}"
         if r["split"] == "train" and r.get("seconds"):
-            seconds += float(r["seconds"])
+            seconds += _number(r["seconds"], where)
         elif r["split"] == "val" and r.get("accuracy"):
-            points.append((seconds / 60, int(r["iteration"]), float(r["accuracy"])))
+            points.append((seconds / 60, int(_number(r["iteration"], where)),
+                           _number(r["accuracy"], where)))
+    if not points:
+        raise ValueError(f"{run}'s metrics hold no validation rows: there is no accuracy to "
+                         "time (a run validates every val_every iterations and at its end)")
     setting = f"{cfg['dataset']} {cfg['ways']}-way {cfg['shots']}-shot"
     return {"run": str(run), "label": run.name, "method": cfg["method"], "setting": setting,
             "points": points, "train_minutes": seconds / 60}

@@ -34,8 +34,22 @@ from .registry import adapt_names, build_method, build_network
 
 # a run whose training loss or meta-parameter norm passes this many times its first value has
 # diverged (a 2-hour Omniglot run grew the norm 4x, 18.6 -> 71.7; the issue's cases: losses of
-# 1e13-1e21, weights near 1e15); training stops there
+# 1e13-1e21, weights near 1e15); training stops there. The first iteration's loss is held to
+# DIVERGED times the loss of chance, log(ways) (issue 24: MAML with inner_lr 1e6 began at 1e22)
 DIVERGED = 100.0
+# past this many times its yardstick a run is suspect: last.pt is not written over, so that
+# the checkpoint a diverged run leaves is one taken before the blow-up began. The yardsticks:
+# the first training loss, and the parameter norm at the last checkpoint written (growth since
+# the last checkpoint, a few dozen iterations: a long run may grow its norm 10x legitimately)
+SUSPECT = 10.0
+# a meta-gradient exactly 0 in the first iteration, or this many iterations in a row, trains
+# nothing (Reptile with inner_lr 1e4: every adaptive inner step rejected, φ = θ)
+ZERO_STREAK = 10
+
+# the records of a run folder: any of them makes a new run into the folder refuse (a
+# metrics.csv without a row, left by a run that failed before its first iteration, is none)
+RECORDS = ("last.pt", "best.pt", "metrics.csv", "metrics.csv.gz", "final.json",
+           "train_summary.json", "curves.png")
 
 # figures of the inner and linear solves logged with every train row
 SOLVE_STATS = ("inner_grad_norm", "inner_converged", "cg_residual", "negative_curvature")
@@ -155,9 +169,15 @@ class _Run:
         self.last = self.out / "last.pt"
         if resume and not self.last.exists():
             raise CheckpointError(f"--resume: no checkpoint {self.last} to resume from")
-        if not resume and self.last.exists() and self.lead:
-            raise ValueError(f"{self.out} already holds a run (last.pt); use --resume to "
-                             "continue it or choose another --out")
+        found = [r for r in RECORDS if (self.out / r).exists()
+                 and (r != "metrics.csv" or read_metrics(self.out))]
+        if not resume and found:  # every rank refuses (read before rank 0 writes anything)
+            raise ValueError(
+                f"{self.out} already holds the records of a run ({', '.join(found)}); a new "
+                "run would overwrite them: "
+                + ("continue it with --resume, " if "last.pt" in found else
+                   "it cannot be resumed (no last.pt), ")
+                + "choose another --out, or delete those files to start afresh")
         torch.manual_seed(cfg.seed)
         net = network if network is not None else build_network(cfg.dataset, cfg.ways)
         self.net = net.to(self.device)
@@ -166,10 +186,16 @@ class _Run:
                     else torch.optim.SGD(self.net.parameters(), lr=cfg.outer_lr))
         self.start, self.best, self.elapsed = 0, -1.0, 0.0
         self.reference: Dict[str, float] = {}  # first loss and parameter norm (_check_finite)
+        self.suspect: Optional[str] = None  # why last.pt is not written over now (SUSPECT)
+        self.said_suspect = False
+        self.norm: Optional[float] = None  # θ's norm after the last outer step (_check_finite)
+        self.zero_streak = 0  # iterations in a row with a meta-gradient exactly 0
         ck = self._resume() if resume else {}
         broadcast_parameters(self.net, self.world)
         if self.lead:
-            write_json_atomic(dataclasses.asdict(cfg), self.out / "config.json")
+            fields = dataclasses.asdict(cfg)
+            write_json_atomic({**fields, CONFIG_DIGEST: _config_digest(fields)},
+                              self.out / "config.json")
         self.metrics = MetricsLog(self.out, self.start if resume else None) if self.lead else None
         if self.metrics is not None and self.metrics.missing:
             log(f"warning: {self.out / 'metrics.csv'} lacks the train rows of "
@@ -206,7 +232,26 @@ class _Run:
     def _resume(self) -> Dict[str, Any]:
         """Load last.pt into the network, the optimizer and the random-number state."""
         ck = load_checkpoint(self.last)
-        _check_resume_config(TrainConfig(**ck["config"]), self.cfg, self.allow_change)
+        lacking = [k for k in ("config", "iteration", "optimizer", "rng", "best_val", "elapsed")
+                   if k not in ck]
+        if lacking:
+            raise CheckpointError(f"{self.last} lacks {', '.join(lacking)}: it is not a training "
+                                  "checkpoint (imaml train writes last.pt itself); it cannot be "
+                                  "resumed")
+        saved = TrainConfig(**ck["config"])
+        own = self.out / "config.json"
+        _check_config_file(own, saved, self.cfg)  # every rank: none waits on a refused one
+        try:
+            _check_resume_config(saved, self.cfg, self.allow_change)
+        except ValueError as e:
+            raise ValueError(f"{e}. The run's own config is {own}: resume with it (imaml train "
+                             f"{own} --out {self.out} --resume, or no config at all), adding "
+                             "field=value only for what may change") from None
+        if ck["iteration"] > self.cfg.meta_iters:
+            raise ValueError(f"{self.last} is at iteration {ck['iteration']}, past meta_iters="
+                             f"{self.cfg.meta_iters}: nothing would be trained; to train on, "
+                             f"give meta_iters above {ck['iteration']}; to test the run, "
+                             f"imaml eval {self.out / 'best.pt'}")
         try:
             self.net.load_state_dict(ck["state_dict"])
         except RuntimeError as e:
@@ -218,33 +263,100 @@ class _Run:
         if self.lead:
             self.log(f"resuming {self.out} at iteration {self.start}"
                      + (f" on {self.world} processes" if self.world > 1 else ""))
+            if self.start == self.cfg.meta_iters:
+                self.log(f"{self.last} is already at meta_iters={self.start}: nothing is left "
+                         "to train; the run's records are finished (and, from the command "
+                         "line, the final test run) again")
+        if not (self.out / "best.pt").exists() and self.best >= 0:
+            if self.lead:
+                self.log(f"warning: {self.out / 'best.pt'} is missing: the best model validated "
+                         f"before iteration {self.start} ({100 * self.best:.2f}%) cannot be "
+                         "restored; best.pt will hold the best model validated from here on "
+                         "(the last one included), and 'best' refers to those only")
+            self.best = -1.0
         return ck
+
+    def _kept(self, rate: str) -> str:
+        """What the divergence message says of last.pt."""
+        if not self.last.exists():
+            return ""
+        kept = load_checkpoint(self.last)["iteration"]
+        return (f". last.pt still holds iteration {kept}, which --resume continues with a lower "
+                f"rate given with --allow-change {rate} (it was taken while the loss and the "
+                f"norm were under {SUSPECT:g} times their yardsticks)")
+
+    def _check_meta_gradient(self, iteration: int, g: torch.Tensor, loss: float) -> None:
+        """Stop before a meta-gradient that cannot train is applied: not finite (or a norm
+        that overflows), a first iteration whose loss is past DIVERGED times chance (the inner
+        loop diverged; the outer yardsticks would be taken from it), or a meta-gradient
+        exactly 0 in the first iteration or ZERO_STREAK in a row (θ never moves)."""
+        gnorm = float(torch.linalg.vector_norm(g))
+        chance = math.log(max(self.cfg.ways, 2))
+        inner = (f"lower inner_lr ({self.cfg.inner_lr:g})"
+                 + ("" if self.cfg.inner_adaptive else " or set inner_adaptive=true")
+                 + (", or raise lam" if self.cfg.method.startswith("imaml") else ""))
+        what = None
+        if not math.isfinite(gnorm) or not math.isfinite(loss):
+            what = (f"the meta-gradient of iteration {iteration} is not finite (norm {gnorm:.3g}, "
+                    f"training loss {loss:.3g})")
+        elif iteration == 1 and loss > DIVERGED * chance:
+            what = (f"the training loss of iteration 1 is {loss:.3g}, {loss / chance:.3g} times "
+                    f"the loss of chance (log {self.cfg.ways} = {chance:.3g})")
+        if what is not None:
+            raise NonFiniteError(f"the run diverged: {what}: the inner loop (or the linear "
+                                 f"solve) blew up: {inner}" + self._kept("inner_lr"))
+        self.zero_streak = self.zero_streak + 1 if gnorm == 0 else 0
+        if gnorm == 0 and (iteration == 1 or self.zero_streak >= ZERO_STREAK):
+            span = (f"iteration {iteration}" if self.zero_streak == 1 else
+                    f"iterations {iteration - self.zero_streak + 1}-{iteration}")
+            raise ValueError(
+                f"the meta-gradient is exactly 0 in {span}: θ does not move and the run trains "
+                "nothing. The inner loop left every task where it started (with "
+                "inner_adaptive, every trial step was rejected: the step is far too long): "
+                f"{inner}")
 
     def _check_finite(self, iteration: int, loss: float) -> None:
         """Stop before a diverged model can be validated or written over a good checkpoint: the
         meta-parameters non-finite, their norm grown past DIVERGED times its start, or the
-        training loss past DIVERGED times its first value."""
+        training loss past DIVERGED times its first value. Past SUSPECT times, the run is
+        suspect: ``checkpoint`` does not write last.pt over until it is not."""
         norm = float(torch.linalg.vector_norm(self.model.theta()))
         ref = self.reference
-        if not ref:  # the first iteration of a run: the yardsticks
-            ref.update(loss=loss, param_norm=norm)
+        ratios = {"norm": norm / max(ref.get("checkpoint_norm", ref["param_norm"]), 1e-6),
+                  "loss": loss / max(ref["loss"], 1e-3)}
         what = None
         if not math.isfinite(norm):
             what = "made the meta-parameters non-finite"
         elif norm > DIVERGED * max(ref["param_norm"], 1e-6):
             what = (f"grew the meta-parameters' norm to {norm:.3g} ({norm / ref['param_norm']:.3g} "
                     "times its start)")
-        elif loss > DIVERGED * max(ref["loss"], 1e-3):
+        elif ratios["loss"] > DIVERGED:
             what = f"left a training loss of {loss:.3g} ({loss / ref['loss']:.3g} times its first)"
         if what is None:
+            worst = max(ratios, key=ratios.get)
+            what = "meta-parameters' norm" if worst == "norm" else "training loss"
+            yardstick = "at the last checkpoint" if worst == "norm" else "in the first iteration"
+            self.suspect = (f"iteration {iteration}: the {what} is {ratios[worst]:.3g} times "
+                            f"what it was {yardstick}" if ratios[worst] > SUSPECT else None)
+            self.norm = norm
             return
-        kept = load_checkpoint(self.last)["iteration"] if self.last.exists() else None
         raise NonFiniteError(
             f"the run diverged: the outer step of iteration {iteration} {what}: the outer "
             f"learning rate ({self.opt.param_groups[0]['lr']:.3g}) is too large for this "
-            "meta-gradient; lower outer_lr (or use Adam)"
-            + (f". last.pt still holds iteration {kept}, which --resume continues with a lower "
-               "rate given with --allow-change outer_lr" if kept is not None else ""))
+            "meta-gradient; lower outer_lr (or use Adam)" + self._kept("outer_lr"))
+
+    def checkpoint(self, iteration: int, write) -> None:
+        """last.pt, unless the run is suspect (SUSPECT): then the last one taken stays."""
+        if self.suspect is None:
+            # the yardstick of the norm (saved in the checkpoint: a resume decides alike)
+            if self.norm is not None:
+                self.reference["checkpoint_norm"] = self.norm
+            self.save(self.last, iteration)
+            self.said_suspect = False
+        elif self.lead and not self.said_suspect:  # once per suspect stretch
+            write(f"{self.suspect}: a sign of divergence; last.pt is not written over while "
+                  "it lasts (it keeps the last checkpoint taken before)")
+            self.said_suspect = True
 
     def save(self, path: Path, iteration: int) -> None:
         if not self.lead:
@@ -296,6 +408,10 @@ class _Run:
             group["lr"] = outer_lr_at(self.cfg, it, trained)
         # [∂/∂θ, (∂/∂λ), (mean Adam moments m, v)] (imaml.distributed.local_sums)
         g, extra = g[:self.model.num_params], g[self.model.num_params:]
+        if not self.reference:  # the first iteration of a run: yardsticks from θ before its step
+            self.reference.update(loss=stats["loss"], param_norm=float(
+                torch.linalg.vector_norm(self.model.theta())))
+        self._check_meta_gradient(it, g, stats["loss"])
         apply_meta_gradient(self.model, self.opt, g)
         if self.lam is not None:
             lam_grad, extra = extra[:self.model.num_params], extra[self.model.num_params:]
@@ -315,8 +431,9 @@ class _Run:
     def finish(self, it: int) -> Dict[str, Any]:
         """The last checkpoint, curves.png and train_summary.json (rank 0)."""
         self.save(self.last, it)
-        if not (self.out / "best.pt").exists():
-            self.save(self.out / "best.pt", it)
+        if not (self.out / "best.pt").exists():  # best.pt lost and no validation since: the
+            self.best = -1.0                     # last model is validated, and so the best
+            self.validate(it, self.log)
         plot_curves(self.out)
         summary = {"iterations": it, "train_minutes": self.elapsed / 60, "best_val": self.best,
                    "threads": torch.get_num_threads(), "processes": self.world}
@@ -328,6 +445,47 @@ class _Run:
 
 # what --allow-change may change on resume, at the user's explicit request (after divergence)
 RATES = ("outer_lr", "outer_lr_min", "inner_lr", "lam_lr")
+
+
+# config.json carries a digest of its fields (a comment field, which load_config skips): a file
+# whose fields still match it is as the run wrote it; any other has been edited
+CONFIG_DIGEST = "_digest_of_the_fields_as_written"
+
+
+def _config_digest(fields: Dict[str, Any]) -> str:
+    import hashlib
+    import json
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_config_file(path: Path, saved: TrainConfig, cfg: TrainConfig) -> None:
+    """A resume rewrites the run's config.json: refuse when the file was edited (its digest does
+    not match) and holds a value neither last.pt's config nor the resumed config has, an edit
+    that the resume would silently drop."""
+    if not path.is_file():
+        return
+    import json
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read as JSON ({e}); it was edited or damaged: "
+                         "repair it, or delete it (the resume writes it anew)") from None
+    if not isinstance(held, dict):
+        raise ValueError(f"{path} does not hold a JSON object: repair it or delete it")
+    digest = held.pop(CONFIG_DIGEST, None)
+    if digest == _config_digest(held):  # as a run wrote it (perhaps a resume that then stopped)
+        return
+    environment = {"data_dir", "device", "threads", "batching"}
+    old, new = dataclasses.asdict(saved), dataclasses.asdict(cfg)
+    edits = {k: v for k, v in held.items() if k not in environment and not k.startswith("_")
+             and (k not in new or (v != old[k] and v != new[k]))}
+    if edits:
+        raise ValueError(
+            f"{path} was edited after the run wrote it ("
+            + ", ".join(f"{k}: {v!r} in the file, {new.get(k)!r} in this resume" for k, v in
+                        edits.items())
+            + "); this resume would ignore the edit and write over it: resume with the file "
+            f"(imaml train {path} --out {path.parent} --resume) or put back what it held")
 
 
 def _check_resume_config(saved: TrainConfig, cfg: TrainConfig, allow=()) -> None:
@@ -408,7 +566,7 @@ def _loop(run: "_Run", progress_every_s: float) -> Dict[str, Any]:
         if it % cfg.val_every == 0 or it == cfg.meta_iters:
             run.validate(it, bar.write)
         if it % cfg.checkpoint_every == 0:
-            run.save(run.last, it)
+            run.checkpoint(it, bar.write)
     bar.close()
     barrier(run.world)
     if not run.lead:

@@ -97,6 +97,9 @@ def data_root(data_dir: Optional[str], name: str) -> Path:
         raise DataError(f"no data directory given for {name}: pass --data-dir DIR or set "
                         f"{ENV_DATA}=DIR (DIR holding {name}/ or its files)")
     base = Path(base).expanduser()
+    if base.exists() and not base.is_dir():
+        raise DataError(f"data directory {base} is a file, not a folder (from --data-dir or "
+                        f"{ENV_DATA}): name the folder that holds {name}/ or its files")
     if not base.is_dir():
         raise DataError(f"data directory {base} does not exist (from --data-dir or {ENV_DATA})")
     return base / name if (base / name).is_dir() else base
@@ -154,15 +157,47 @@ def load_cached(path: Path, key: str) -> Optional[dict]:
     return obj
 
 
+# the header of a decoded-dataset file: ``imaml cache prune`` deletes only files that carry it
+CACHE_FORMAT = "imaml-cache"
+CACHE_PREFIXES = ("omniglot", "miniimagenet")
+
+
 def save_atomic(obj, path: Path) -> None:
-    """torch.save with a checksum of the contents, to a temporary file, then rename: a crash
-    never leaves half a file, and bytes changed later are detected by ``load_cached``."""
+    """torch.save with a checksum of the contents and the cache's header (``CACHE_FORMAT``), to
+    a temporary file, then rename: a crash never leaves half a file, and bytes changed later
+    are detected by ``load_cached``."""
+    obj = {**obj, "format": CACHE_FORMAT}
     torch_save_atomic({**obj, "digest": _digest(obj)}, path)
 
 
-def cache_files() -> list:
-    """The decoded-dataset files in the cache folder, newest first."""
-    return sorted(cache_dir().glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+def is_cache_file(path: Path) -> bool:
+    """Whether ``path`` is a decoded dataset this cache wrote: a torch file named
+    ``<dataset>-<key>.pt`` that holds that key, a checksum and the cache's header (files
+    written before the header existed: the key and the checksum, and no other format). Read
+    memory-mapped: the images are not loaded. A checkpoint (format 'imaml-checkpoint') or any
+    other file is never one."""
+    if path.suffix != ".pt" or not path.is_file():
+        return False
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    if not isinstance(obj, dict) or not isinstance(obj.get("key"), str) \
+            or not isinstance(obj.get("digest"), str):
+        return False
+    if obj.get("format", CACHE_FORMAT) != CACHE_FORMAT:
+        return False
+    return path.name in {f"{prefix}-{obj['key']}.pt" for prefix in CACHE_PREFIXES}
+
+
+def cache_files(folder: Optional[Path] = None) -> tuple:
+    """(decoded datasets this cache wrote, newest first; every other file in the folder, which
+    the cache never deletes)."""
+    folder = folder or cache_dir()
+    ours, others = [], []
+    for p in sorted(folder.iterdir()):
+        (ours if is_cache_file(p) else others).append(p)
+    return sorted(ours, key=lambda p: p.stat().st_mtime, reverse=True), others
 
 
 def open_zip(path: Path) -> zipfile.ZipFile:

@@ -44,10 +44,20 @@ def _read_csv(path: Path) -> Dict[str, List[str]]:
     if not rows or [c.strip() for c in rows[0][:2]] != ["filename", "label"]:
         raise DataError(f"{path} does not start with the header 'filename,label' of the Ravi & "
                         "Larochelle split files")
+    first_line: Dict[str, int] = {}
     for i, row in enumerate(rows[1:], start=2):
         if len(row) < 2:
             raise DataError(f"{path}, line {i}: expected 'filename,label', got {row!r}")
-        per_class.setdefault(row[1].strip(), []).append(row[0].strip())
+        name = row[0].strip()
+        if name in first_line:  # one image could be the support and the query of one task
+            raise DataError(f"{path}, line {i}: {name} is listed again (first on line "
+                            f"{first_line[name]}); each image must appear once: remove the "
+                            "repeated rows")
+        first_line[name] = i
+        per_class.setdefault(row[1].strip(), []).append(name)
+    if not per_class:
+        raise DataError(f"{path} lists no images (only its header): the split file is "
+                        "incomplete; copy it again")
     return per_class
 
 
