@@ -188,7 +188,6 @@ class _Run:
         self.reference: Dict[str, float] = {}  # first loss and parameter norm (_check_finite)
         self.suspect: Optional[str] = None  # why last.pt is not written over now (SUSPECT)
         self.said_suspect = False
-        self.norm: Optional[float] = None  # θ's norm after the last outer step (_check_finite)
         self.zero_streak = 0  # iterations in a row with a meta-gradient exactly 0
         ck = self._resume() if resume else {}
         broadcast_parameters(self.net, self.world)
@@ -338,7 +337,6 @@ class _Run:
             yardstick = "at the last checkpoint" if worst == "norm" else "in the first iteration"
             self.suspect = (f"iteration {iteration}: the {what} is {ratios[worst]:.3g} times "
                             f"what it was {yardstick}" if ratios[worst] > SUSPECT else None)
-            self.norm = norm
             return
         raise NonFiniteError(
             f"the run diverged: the outer step of iteration {iteration} {what}: the outer "
@@ -349,8 +347,7 @@ class _Run:
         """last.pt, unless the run is suspect (SUSPECT): then the last one taken stays."""
         if self.suspect is None:
             # the yardstick of the norm (saved in the checkpoint: a resume decides alike)
-            if self.norm is not None:
-                self.reference["checkpoint_norm"] = self.norm
+            self.reference["checkpoint_norm"] = float(torch.linalg.vector_norm(self.model.theta()))
             self.save(self.last, iteration)
             self.said_suspect = False
         elif self.lead and not self.said_suspect:  # once per suspect stretch
