@@ -1,0 +1,97 @@
+"""Which inner solver and λ solve iMAML's proximal problem on Mini-ImageNet 5-way 1-shot to
+‖∇G‖ ≤ λδ, and how well does 5 or 10 MINRES iterations solve (I + H/λ) g = ∇L_test after it?
+On 16 fixed meta-val tasks (15 queries per class) of a fresh Conv-4 (32 filters, the seed of the
+runs), one thread: per candidate, the fraction of solves within λδ for δ 0.05 and 0.1, mean
+‖∇G‖ at θ and at the end, steps, negative-curvature systems, query accuracy after the solve and
+milliseconds per task; then, for the solver with the most solves within λδ (ties: within 2λδ, then the
+smallest mean ‖∇G‖), the meta-gradient of the 16 tasks with
+MINRES on the exact Hessian: the final/first residual ratio and seconds per task.
+Run from the repository root with IMAML_DATA set (one process per λ, one per core):
+    python scripts/probe_mini.py LAMBDA [--no-fresh] [LABEL=CHECKPOINT ...]
+Output kept in docs/benchmarks/probe_mini_lam<LAMBDA>.txt."""
+import sys
+import time
+
+import torch
+
+from imaml import IMAML, FunctionalModel, GradientDescent, Nesterov, NewtonCG
+from imaml.checkpoint import MetaModel, build_network
+from imaml.train import load_config, task_sampler
+
+torch.set_num_threads(1)
+LAM = float(sys.argv[1])
+TOL = 0.05
+SOLVERS = {
+    "GD BB 10 from .01": GradientDescent(lr=0.01, steps=10, adaptive=True, step_rule="bb",
+                                         tol=TOL),
+    "GD BB 25 from .01": GradientDescent(lr=0.01, steps=25, adaptive=True, step_rule="bb",
+                                         tol=TOL),
+    "GD BB 50 from .01": GradientDescent(lr=0.01, steps=50, adaptive=True, step_rule="bb",
+                                         tol=TOL),
+    "GD BB 100 from .01": GradientDescent(lr=0.01, steps=100, adaptive=True, step_rule="bb",
+                                          tol=TOL),
+    "GD grow 25 from .01": GradientDescent(lr=0.01, steps=25, adaptive=True, tol=TOL),
+    "Nesterov 25 from .01": Nesterov(lr=0.01, momentum=0.9, steps=25, adaptive=True, tol=TOL,
+                                     report=True),
+    "Nesterov 50 from .01": Nesterov(lr=0.01, momentum=0.9, steps=50, adaptive=True, tol=TOL,
+                                     report=True),
+    "Newton 10x5 damped 1": NewtonCG(steps=10, cg_iters=5, tol=TOL, damping=1.0),
+}
+
+cfg = load_config("configs/miniimagenet_5w1s_maml_cpu2h.json", [])
+sampler = task_sampler(cfg, "meta_val", 15, cfg.seed + 1, lambda m: None)
+tasks = [sampler.sample(i) for i in range(16)]
+method = IMAML(lam=LAM, curvature="hessian")
+
+
+def models():
+    torch.manual_seed(cfg.seed)
+    if "--no-fresh" not in sys.argv:
+        yield "fresh network (seed of the runs)", FunctionalModel(build_network("miniimagenet", 5))
+    for arg in (a for a in sys.argv[2:] if not a.startswith("--")):
+        label, _, path = arg.rpartition("=")
+        mm = MetaModel.load(path)
+        yield f"{label or path} ({path}, iteration {mm.info.get('iteration')})", mm.model
+
+
+lo, hi = LAM * TOL, LAM * 2 * TOL
+print(f"Mini-ImageNet 5-way 1-shot, {len(tasks)} meta-val tasks (15 queries per class), λ {LAM}, "
+      f"tolerance ‖∇G‖ ≤ λδ with δ 0.05 ({lo:g}) and δ 0.1 ({hi:g}); torch {torch.__version__}, "
+      f"1 thread")
+for label, model in models():
+    theta = model.theta().detach()
+    print(f"\n{label}")
+    print(f"{'solver':22s} {'<=d.05':>6s} {'<=d.1':>6s} {'|gradG| θ':>10s} {'|gradG|':>8s} "
+          f"{'steps':>6s} {'neg.c.':>6s} {'acc %':>6s} {'ms/task':>8s}")
+    best = {}
+    with torch.no_grad():
+        for name, solver in SOLVERS.items():
+            solver.solve(method.problem(model, theta, tasks[0]), theta)  # warm-up
+            t0 = time.perf_counter()
+            res = [solver.solve(method.problem(model, theta, t), theta) for t in tasks]
+            ms = 1000 * (time.perf_counter() - t0) / len(tasks)
+            acc = [float((model.forward(r.phi, t.x_query).argmax(-1) == t.y_query).float().mean())
+                   for r, t in zip(res, tasks)]
+            n = len(res)
+            within = sum(r.grad_norm <= lo for r in res)
+            g0 = sum(r.grad_norms[0] for r in res if r.grad_norms) / n
+            best[name] = (within, sum(r.grad_norm <= hi for r in res),
+                          -sum(r.grad_norm for r in res))
+            print(f"{name:22s} {within:3d}/{n:<2d} "
+                  f"{sum(r.grad_norm <= hi for r in res):3d}/{n:<2d} {g0:10.3f} "
+                  f"{sum(r.grad_norm for r in res) / n:8.3f} {sum(r.steps for r in res) / n:6.1f} "
+                  f"{sum(r.negative_curvature for r in res) / n:6.1f} {100 * sum(acc) / n:6.1f} "
+                  f"{ms:8.0f}", flush=True)
+    name = max(best, key=best.get)
+    print(f"meta-gradient after {name}, MINRES on the exact Hessian:")
+    print(f"{'MINRES iterations':18s} {'residual ratio mean':>20s} {'max':>6s} {'s/task':>7s}")
+    for iters in (5, 10):
+        m = IMAML(lam=LAM, inner=SOLVERS[name], linear_solver="minres", cg_max_iter=iters,
+                  curvature="hessian")
+        m.meta_gradient(model, theta, tasks[0])  # warm-up
+        t0 = time.perf_counter()
+        out = [m.meta_gradient(model, theta, t) for t in tasks]
+        s = (time.perf_counter() - t0) / len(tasks)
+        ratios = [mg.cg.residual_norms[-1] / mg.cg.residual_norms[0] for mg in out]
+        print(f"{iters:<18d} {sum(ratios) / len(ratios):20.3f} {max(ratios):6.3f} {s:7.2f}",
+              flush=True)
