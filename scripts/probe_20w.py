@@ -19,6 +19,7 @@ from imaml import IMAML, FunctionalModel, GradientDescent, Nesterov, NewtonCG
 from imaml.batched import batch_meta_gradient
 from imaml.checkpoint import MetaModel, build_network
 from imaml.train import load_config, task_sampler
+from probe_common import solve_tasks, solver_row
 
 torch.set_num_threads(1)
 LAM = 2.0
@@ -66,19 +67,8 @@ with torch.no_grad():
         print(f"{'solver':22s} {'<=0.1':>6s} {'<=0.2':>6s} {'|gradG| θ':>10s} {'|gradG|':>8s} "
               f"{'steps':>6s} {'neg.c.':>6s} {'acc %':>6s} {'ms/task':>8s}")
         for name, solver in SOLVERS.items():
-            solver.solve(method.problem(model, theta, tasks[0]), theta)  # warm-up
-            t0 = time.perf_counter()
-            res = [solver.solve(method.problem(model, theta, t), theta) for t in tasks]
-            ms = 1000 * (time.perf_counter() - t0) / len(tasks)
-            acc = [float((model.forward(r.phi, t.x_query).argmax(-1) == t.y_query).float().mean())
-                   for r, t in zip(res, tasks)]
-            n = len(res)
-            g0 = sum(r.grad_norms[0] for r in res if r.grad_norms) / n
-            print(f"{name:22s} {sum(r.grad_norm <= 0.1 for r in res):3d}/{n:<2d} "
-                  f"{sum(r.grad_norm <= 0.2 for r in res):3d}/{n:<2d} {g0:10.3f} "
-                  f"{sum(r.grad_norm for r in res) / n:8.3f} {sum(r.steps for r in res) / n:6.1f} "
-                  f"{sum(r.negative_curvature for r in res) / n:6.1f} {100 * sum(acc) / n:6.1f} "
-                  f"{ms:8.0f}", flush=True)
+            res, ms, acc = solve_tasks(solver, method, model, theta, tasks)
+            print(solver_row(name, res, ms, acc, 0.1, 0.2), flush=True)
 
         if "--no-timing" in FLAGS:
             continue

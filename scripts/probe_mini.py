@@ -19,6 +19,7 @@ import torch
 from imaml import IMAML, FunctionalModel, GradientDescent, Nesterov, NewtonCG
 from imaml.checkpoint import MetaModel, build_network
 from imaml.train import load_config, task_sampler
+from probe_common import solve_tasks, solver_row
 
 torch.set_num_threads(1)
 LAM = float(sys.argv[1])
@@ -80,22 +81,10 @@ for label, model in models():
     best = {}
     with torch.no_grad():
         for name, solver in SOLVERS.items():
-            solver.solve(method.problem(model, theta, tasks[0]), theta)  # warm-up
-            t0 = time.perf_counter()
-            res = [solver.solve(method.problem(model, theta, t), theta) for t in tasks]
-            ms = 1000 * (time.perf_counter() - t0) / len(tasks)
-            acc = [float((model.forward(r.phi, t.x_query).argmax(-1) == t.y_query).float().mean())
-                   for r, t in zip(res, tasks)]
-            n = len(res)
-            within = sum(r.grad_norm <= lo for r in res)
-            g0 = sum(r.grad_norms[0] for r in res if r.grad_norms) / n
-            best[name] = (within, sum(r.grad_norm <= hi for r in res),
+            res, ms, acc = solve_tasks(solver, method, model, theta, tasks)
+            best[name] = (sum(r.grad_norm <= lo for r in res), sum(r.grad_norm <= hi for r in res),
                           -sum(r.grad_norm for r in res))
-            print(f"{name:22s} {within:3d}/{n:<2d} "
-                  f"{sum(r.grad_norm <= hi for r in res):3d}/{n:<2d} {g0:10.3f} "
-                  f"{sum(r.grad_norm for r in res) / n:8.3f} {sum(r.steps for r in res) / n:6.1f} "
-                  f"{sum(r.negative_curvature for r in res) / n:6.1f} {100 * sum(acc) / n:6.1f} "
-                  f"{ms:8.0f}", flush=True)
+            print(solver_row(name, res, ms, acc, lo, hi), flush=True)
     name = max(best, key=best.get)
     print(f"meta-gradient after {name}, MINRES on the exact Hessian:")
     print(f"{'MINRES iterations':18s} {'residual ratio mean':>20s} {'max':>6s} {'s/task':>7s}")
