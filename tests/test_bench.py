@@ -95,3 +95,14 @@ def test_bench_records_a_failed_worker_and_goes_on(tmp_path, monkeypatch):
     res = bench.run(str(tmp_path), ["omniglot-5w1s"], ["imaml-gd"], [1, 2, 3], None, 1, ["task"],
                     progress=lambda m: None)
     assert [r.get("skipped") for r in res["rows"]] == [None, "worker failed: killed by signal 9 (out of memory?)", None]
+
+
+def test_keep_freed_memory_is_glibc_only_and_can_be_switched_off(monkeypatch):
+    import ctypes.util
+    import sys
+    from imaml.profiling import keep_freed_memory
+    monkeypatch.setenv("IMAML_KEEP_FREED_MEMORY", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("IMAML_KEEP_FREED_MEMORY")
+    glibc = sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or "")
+    assert keep_freed_memory() is glibc

@@ -80,7 +80,9 @@ def _eval(args) -> int:
 
 
 def _train(args) -> int:
+    from .profiling import keep_freed_memory
     from .train import load_config, task_sampler, test_best, train
+    keep_freed_memory()  # large tensors reused, not faulted in afresh (imaml.profiling)
     if args.config and "=" in args.config and not args.config.endswith(".json"):
         args.overrides, args.config = [args.config] + args.overrides, None
     if args.resume and not args.config and args.out:
