@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [ -z "${IMAML_DATA:-}" ] && [ -d ../shared/data ]; then export IMAML_DATA="$(cd ../shared/data && pwd)"; fi
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=25 "$@"

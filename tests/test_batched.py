@@ -48,20 +48,21 @@ def test_batched_equals_loop(method):
     ref = torch.stack([x.grad for x in loop])
     # Adam divides by √v: where a gradient is rounding noise (the convolution biases, which
     # batch norm cancels) the two summation orders part by more than elsewhere
-    tol = 1e-7 if isinstance(method.inner, Adam) else 1e-9
+    tol = 1e-7 if isinstance(method.inner, Adam) else 1e-10
     assert float((r.grads - ref).norm() / ref.norm()) < tol
-    assert torch.allclose(r.query_loss, torch.tensor([x.query_loss for x in loop], dtype=torch.float64))
-    assert torch.allclose(r.query_accuracy, torch.tensor([x.query_accuracy for x in loop]))
-    assert torch.allclose(r.grad, ref.mean(0))
+    close = dict(rtol=1e-10, atol=1e-12)  # float64: summation order only
+    assert torch.allclose(r.query_loss, torch.tensor([x.query_loss for x in loop], dtype=torch.float64), **close)
+    assert torch.equal(r.query_accuracy, torch.tensor([x.query_accuracy for x in loop], dtype=r.query_accuracy.dtype))
+    assert float((r.grad - ref.mean(0)).norm() / ref.mean(0).norm()) < tol
     # the diagnostics agree with the per-task results too
     assert r.inner_converged.tolist() == [x.inner.converged for x in loop]
     norms = [float("nan") if x.inner.grad_norm is None else x.inner.grad_norm for x in loop]
     if isinstance(method, IMAML) and method.inner.tol > 0:
-        assert torch.allclose(r.inner_grad_norm, torch.tensor(norms, dtype=torch.float64))
+        assert torch.allclose(r.inner_grad_norm, torch.tensor(norms, dtype=torch.float64), **close)
     if isinstance(method, IMAML):
         assert r.negative_curvature.tolist() == [x.cg.negative_curvature for x in loop]
         rel = [x.cg.residual / x.cg.residual_norms[0] for x in loop]
-        assert torch.allclose(r.cg_residual, torch.tensor(rel, dtype=torch.float64), rtol=1e-6)
+        assert torch.allclose(r.cg_residual, torch.tensor(rel, dtype=torch.float64), rtol=1e-8)
 
 
 @pytest.mark.parametrize("inner_cls", [GradientDescent, Nesterov])

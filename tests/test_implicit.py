@@ -1,10 +1,11 @@
-"""The implicit layer φ*(θ, λ): gradients with respect to θ and λ against iMAML's meta-gradient,
-central finite differences and the closed form of a linear model."""
+"""The implicit layer φ*(θ, λ): gradients with respect to θ and λ against dense linear algebra
+(a dense Hessian, the Krylov iterates of truncated solves), central finite differences and the
+closed form of a linear model."""
 import pytest
 import torch
 from torch import nn
 
-from imaml import IMAML, FunctionalModel, GradientDescent, NewtonCG, Task
+from imaml import FunctionalModel, GradientDescent, NewtonCG, Task
 from imaml.implicit import expand_lam, implicit_solution
 from imaml.synthetic import half_mse
 
@@ -27,21 +28,72 @@ def query_loss_through_layer(fm, theta, lam, task, inner, **kw):
     return fm.loss(phi, task.x_query, task.y_query)
 
 
+def dense_system(fm, task, phi, lam):
+    """I + H/λ at φ, H the support loss's Hessian from ``torch.func.hessian`` (dense), and
+    v = ∇L_test(φ)."""
+    from torch.func import grad, hessian
+    H = hessian(lambda p: fm.loss(p, task.x_support, task.y_support))(phi)
+    v = grad(lambda p: fm.loss(p, task.x_query, task.y_query))(phi)
+    return torch.eye(len(phi), dtype=phi.dtype) + H / lam, v
+
+
+def krylov_optimum(A, b, k, solver):
+    """The k-th iterate of CG or MINRES on A x = b from x₀ = 0, by dense linear algebra over
+    an orthonormal basis V of the Krylov space span{b, Ab, ..., A^{k-1}b}: CG's iterate meets
+    the Galerkin condition Vᵀ(b − A x) = 0, MINRES's minimises ‖b − A x‖ over the space."""
+    cols = [b / b.norm()]
+    for _ in range(k - 1):
+        cols.append(A @ cols[-1])
+        cols[-1] = cols[-1] / cols[-1].norm()
+    V, _ = torch.linalg.qr(torch.stack(cols, 1))
+    if solver == "cg":
+        return V @ torch.linalg.solve(V.T @ A @ V, V.T @ b)
+    return V @ torch.linalg.lstsq(A @ V, b.unsqueeze(1)).solution[:, 0]
+
+
 @pytest.mark.parametrize("solver", ["cg", "minres"])
-def test_layer_gradient_equals_imaml_meta_gradient(solver):
+@pytest.mark.parametrize("lam", [0.5, 0.3], ids=["definite", "indefinite"])
+def test_truncated_layer_gradient_is_the_krylov_iterate(solver, lam):
+    """Five linear-solver iterations at an inner solve stopped short (40 GD steps), with λ small
+    enough that five do not solve the system (at λ 0.3 I + H/λ is indefinite there, its least
+    eigenvalue −0.03): the θ-gradient is the fifth Krylov iterate of (I + H/λ) g = ∇L_test(φ)
+    at the φ the layer returned."""
     fm, theta, task = mlp_setup()
-    inner = GradientDescent(lr=0.1, steps=40)
-    ref = IMAML(lam=2.0, inner=inner, cg_max_iter=5, linear_solver=solver).meta_gradient(fm, theta, task)
     th = theta.clone().requires_grad_(True)
     record = {}
-    query_loss_through_layer(fm, th, 2.0, task, inner, linear_solver=solver, max_iter=5,
-                             record=record).backward()
-    assert rel(th.grad, ref.grad) < 1e-10  # iterate for iterate: 5 steps, not converged
-    assert record["linear"].iterations == 5 and torch.equal(record["inner"].phi, ref.phi)
+    query_loss_through_layer(fm, th, lam, task, GradientDescent(lr=0.1, steps=40),
+                             linear_solver=solver, max_iter=5, record=record).backward()
+    assert record["linear"].iterations == 5
+    A, v = dense_system(fm, task, record["inner"].phi, lam)
+    assert rel(th.grad, krylov_optimum(A, v, 5, solver)) < 1e-10
+    assert rel(th.grad, torch.linalg.solve(A, v)) > 1e-2  # not the solution: the check can tell
 
 
 def inner_exact():
     return NewtonCG(steps=60, cg_iters=80, tol=1e-14)
+
+
+@pytest.mark.parametrize("solver", ["cg", "minres"])
+def test_layer_gradient_matches_dense_solve_and_finite_differences(solver):
+    """Inner problem and linear system solved to float64 precision: the θ-gradient equals
+    λ(H + λI)⁻¹∇L_test(φ*) from a dense Hessian, and the derivative of θ -> L_test(φ*(θ)) along
+    random directions by central differences of exact inner solves."""
+    fm, theta, task = mlp_setup(seed=3)
+    th = theta.clone().requires_grad_(True)
+    record = {}
+    query_loss_through_layer(fm, th, 2.0, task, inner_exact(), linear_solver=solver,
+                             max_iter=300, record=record).backward()
+    assert record["inner"].converged
+    A, v = dense_system(fm, task, record["inner"].phi, 2.0)
+    assert rel(th.grad, torch.linalg.solve(A, v)) < 1e-10
+    g = torch.Generator().manual_seed(4)
+    eps = 1e-5
+    for _ in range(3):
+        u = torch.randn(len(theta), generator=g, dtype=torch.float64)
+        up = query_loss_through_layer(fm, theta + eps * u, 2.0, task, inner_exact())
+        down = query_loss_through_layer(fm, theta - eps * u, 2.0, task, inner_exact())
+        fd = float((up - down) / (2 * eps))
+        assert abs(float(th.grad @ u) - fd) < 1e-6 * abs(fd)
 
 
 @pytest.mark.parametrize("shape", ["scalar", "per layer"])
