@@ -20,6 +20,8 @@ def _eval(args) -> int:
     from pathlib import Path
 
     from .checkpoint import MetaModel
+    from .profiling import keep_freed_memory
+    keep_freed_memory()  # as in train: large tensors reused, not faulted in afresh
     from .records import write_json_atomic
     from .data import TaskSampler, load_split
     from .evaluate import MIN_TEST_TASKS, evaluate

@@ -61,18 +61,20 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the system;
     True where it took effect (Linux with glibc), False elsewhere or when the environment sets
-    ``IMAML_KEEP_FREED_MEMORY=0``. Process-wide: ``imaml train`` calls it, the library does not.
+    ``IMAML_KEEP_FREED_MEMORY=0``. Process-wide: ``imaml train`` and ``imaml eval`` call it, the
+    library does not.
 
     glibc serves every allocation above 32 MiB (the most its mmap threshold can grow to) with
     a fresh ``mmap`` and unmaps it on free, so the next tensor of that size is faulted in
     again page by page. A Mini-ImageNet Conv-4 meta-batch makes such tensors at every layer
     (80 images x 32 channels x 84 x 84 floats = 72 MiB): the iMAML-GD 2-hour config spent a
-    third of its CPU time in the kernel (``vmstat``: 25-32% system, 100,000 minor faults per
+    quarter to a third of its CPU time in the kernel (``vmstat``: 25-32% system, 100,000 minor faults per
     second per process) and ran 32 iterations in 2 minutes; with ``M_MMAP_MAX = 0`` (no mmap
     for allocations: the heap serves them) and no trimming of the heap it ran 46 and 47
-    (1% system). Peak memory is the same; memory freed after the peak stays with the process
-    (which holds it for the next iteration anyway). Not used by the benchmarks, whose memory
-    figures are differences of resident set sizes and would then miss reused memory.
+    (1% system). The price is resident memory: freed memory stays with the process and the heap
+    fragments (2.0 GB per process after 17 minutes of that run against 1.4 GB after 3 minutes
+    without). Not used by the benchmarks, whose memory figures are differences of resident set
+    sizes and would then miss reused memory.
     """
     import ctypes
     import ctypes.util
