@@ -24,6 +24,7 @@ METHODS = [
     IMAML(inner=Nesterov(lr=0.1, momentum=0.5, steps=5)),
     IMAML(inner=GradientDescent(lr=0.1, steps=5), cg_max_iter=40, cg_rtol=1e-4),
     IMAML(inner=GradientDescent(lr=0.1, steps=5), curvature="ggn"),
+    IMAML(inner=GradientDescent(lr=0.1, steps=5), hvp_mode="fwd-rev"),
     IMAML(inner=GradientDescent(lr=0.5, steps=6, adaptive=True, tol=0.05), linear_solver="minres"),
     IMAML(inner=Nesterov(lr=0.5, steps=6, adaptive=True, tol=0.05), cg_max_iter=8),
     IMAML(inner=GradientDescent(lr=0.5, steps=8, adaptive=True, tol=0.05, step_rule="bb"),
@@ -167,3 +168,20 @@ def test_batched_carried_adam_moments_equal_the_loop():
     moments = torch.stack([x.inner.moments for x in loop])
     assert r.inner_moments.shape == (3, 2, theta.numel())
     assert torch.allclose(r.inner_moments, moments, rtol=1e-9, atol=1e-15)
+
+
+def test_batched_accuracy_is_none_where_the_loop_has_none():
+    """Integer labels but outputs that are not class scores [n, classes] (here [n, 3, 2]): the
+    per-task path reports no accuracy, and so does the batched one, with the same gradients."""
+    from torch import nn
+    from torch.nn.functional import cross_entropy
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.Unflatten(1, (3, 2))).double()
+    fm = FunctionalModel(net, loss_fn=lambda out, y: cross_entropy(out.sum(-1), y))
+    _, _, tb = setup()
+    method = IMAML(inner=GradientDescent(lr=0.1, steps=3))
+    r = batch_meta_gradient(method, fm, fm.theta(), tb)
+    loop = [method.meta_gradient(fm, fm.theta(), t) for t in tb.tasks()]
+    assert r.query_accuracy is None and all(x.query_accuracy is None for x in loop)
+    ref = torch.stack([x.grad for x in loop])
+    assert float((r.grads - ref).norm() / ref.norm()) < 1e-10

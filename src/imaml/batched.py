@@ -110,8 +110,11 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
     def query(p, xq, yq):
         logits = model.forward(p, xq)
         loss = model.loss_fn(logits, yq)
-        acc = (logits.argmax(-1) == yq).float().mean() if classify else loss * 0
-        return loss, acc
+        # accuracy where ``accuracy_of`` defines it (integer labels, class scores [n, classes]),
+        # NaN elsewhere and then reported as None
+        if classify and logits.dim() == 2:
+            return loss, (logits.argmax(-1) == yq).float().mean()
+        return loss, loss * float("nan")
 
     def inner_solve(xs, ys, th):
         return method.inner.state(method.support_problem(model, th, xs, ys), th, early_stop=False)
@@ -132,9 +135,7 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
         v, (loss, acc) = grad_and_value(lambda p: query(p, xq, yq), has_aux=True)(phi)
         if isinstance(method, FOMAML):
             return v, loss, acc, s.grad_norm, s.converged, loss * 0, s.converged & False, loss * 0
-        # the exact Hessian by reverse-over-reverse: the graph of ∇L̂(φ) built once for all
-        # iterations
-        curv = curvature_product(model, xs, ys, phi, method.curvature, "rev-rev")
+        curv = curvature_product(model, xs, ys, phi, method.curvature, method.hvp_mode)
         solve = lambda A, b: LINEAR_SOLVERS[method.linear_solver](  # noqa: E731
             A, b, max_iter=method.cg_max_iter, rtol=method.cg_rtol, atol=method.cg_atol,
             early_stop=False)
@@ -159,6 +160,7 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
             and bool(neg.any())):
         raise NegativeCurvatureError(f"CG met negative curvature on {int(neg.sum())} of "
                                      f"{len(neg)} tasks of the batch")
+    classify = classify and not bool(torch.isnan(acc).any())
     return BatchMetaGradient(grads.detach(), loss.detach(), acc.detach() if classify else None,
                              gn.detach(), conv, res if is_imaml else None,
                              neg if is_imaml else None, lam_grads if per_parameter else None,
