@@ -135,3 +135,35 @@ def test_batch_norm_with_running_statistics_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="'1' tracks running statistics.*track_running_stats=False"):
         FunctionalModel(net)
     FunctionalModel(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)))
+
+
+def test_problem_gradients_by_plain_autograd_equal_torch_func():
+    """ProximalProblem takes ∇G by plain autograd where no function transform is active (with
+    a graph when φ is part of one, as in MAML's unrolled steps) and by torch.func under vmap:
+    the gradients, values and second derivatives of each way equal torch.func's own."""
+    from torch.func import grad, grad_and_value, vmap
+    fm = FunctionalModel(small_net())
+    x, y = small_task()
+    theta = fm.theta()
+    phi = theta + 0.1 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(2),
+                                    dtype=theta.dtype)
+    prob = ProximalProblem(task_loss(fm, x, y), theta, 0.7)
+    g_ref, f_ref = grad_and_value(prob.value)(phi)
+    with torch.no_grad():  # the inner solves of iMAML, FOMAML, Reptile
+        f, g = prob.value_and_grad(phi)
+        assert not g.requires_grad and not f.requires_grad
+    assert torch.allclose(g, g_ref, rtol=1e-12, atol=1e-14) and torch.allclose(f, f_ref, rtol=1e-12)
+    # with a graph (MAML): d/dθ of u·∇G(φ(θ)) for φ = θ + const, against torch.func's
+    u = torch.randn(theta.shape, generator=torch.Generator().manual_seed(3), dtype=theta.dtype)
+
+    def second(th, via_func):
+        p = ProximalProblem(task_loss(fm, x, y), th, 0.7)
+        start = th + (phi - theta)
+        return torch.dot(u, grad(p.value)(start) if via_func else p.grad(start))
+
+    th = theta.clone().requires_grad_(True)
+    (ours,) = torch.autograd.grad(second(th, False), th)
+    assert torch.allclose(ours, grad(lambda t: second(t, True))(theta), rtol=1e-10, atol=1e-13)
+    # under vmap the torch.func path: the same gradients task by task
+    phis = torch.stack([phi, phi * 0.5])
+    assert torch.allclose(vmap(prob.grad)(phis)[0], g_ref, rtol=1e-12, atol=1e-14)

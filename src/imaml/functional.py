@@ -153,7 +153,8 @@ def hvp_fwd_rev(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor], 
 
 def hvp_rev_rev(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor], Tensor]:
     """Hessian-vector products by reverse-over-reverse (double back-prop): the graph of ∇f(x)
-    is built once and each product is one vector-Jacobian product through it (H is symmetric)."""
+    is built once and each product is one vector-Jacobian product through it (H is symmetric).
+    """
     _, vjp_fn = vjp(grad(f), x)
     return lambda v: vjp_fn(v)[0]
 
@@ -234,9 +235,12 @@ class ProximalProblem:
         return v if self.mask is None else self.mask * v
 
     def value(self, phi: Tensor) -> Tensor:
-        d = phi - self.theta
         if isinstance(self.lam, Tensor):
+            d = phi - self.theta
             return self.loss(phi) + 0.5 * torch.dot(self.lam * d, d)
+        if self.lam == 0:  # the baselines' plain inner loss: no proximal term to evaluate
+            return self.loss(phi)
+        d = phi - self.theta
         return self.loss(phi) + 0.5 * self.lam * torch.dot(d, d)
 
     def grad(self, phi: Tensor) -> Tensor:
@@ -244,11 +248,14 @@ class ProximalProblem:
 
     def _grad_with(self, loss: Callable[[Tensor], Tensor], phi: Tensor) -> Tensor:
         """∇ of loss(φ) + the proximal term, restricted to the adapted coordinates."""
-        return self._restrict(grad(loss)(phi) + self.lam * (phi - self.theta))
+        g, _ = _grad_and_value(loss, phi)
+        if isinstance(self.lam, Tensor) or self.lam != 0:
+            g = g + self.lam * (phi - self.theta)
+        return self._restrict(g)
 
     def value_and_grad(self, phi: Tensor):
         """(G(φ), ∇G(φ)) from one forward and one backward pass."""
-        g, value = grad_and_value(self.value)(phi)
+        g, value = _grad_and_value(self.value, phi)
         return value, self._restrict(g)
 
     def batch_grad(self, phi: Tensor, k: int, size: int) -> Tensor:
@@ -266,6 +273,32 @@ class ProximalProblem:
         h = self.curvature(phi) if self.curvature is not None else make_hvp(self.loss, phi, mode)
         r = self._restrict
         return lambda v: r(h(r(v)) + self.lam * v)
+
+
+def _no_transform() -> bool:
+    """Whether no torch.func transform (vmap, grad, jvp) is active around the caller; False
+    where this torch cannot tell (its private hook missing), so ``torch.func`` is used."""
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is None
+
+
+def _grad_and_value(f: Callable[[Tensor], Tensor], phi: Tensor):
+    """(∇f(φ), f(φ)) for a scalar f of a flat φ, as ``torch.func.grad_and_value`` gives them, by
+    plain autograd where no function transform (vmap, grad) is active: with a graph when φ is
+    part of one (MAML's unrolled steps), without one under ``torch.no_grad``. Plain autograd
+    skips functorch's per-operation wrapping (benchmarks/maml_autograd.py)."""
+    if _no_transform():
+        if not torch.is_grad_enabled():
+            leaf = phi.detach().requires_grad_(True)
+            with torch.enable_grad():
+                value = f(leaf)
+                (g,) = torch.autograd.grad(value, leaf)
+            return g, value.detach()
+        if phi.requires_grad:
+            value = f(phi)
+            (g,) = torch.autograd.grad(value, phi, create_graph=True)
+            return g, value
+    return grad_and_value(f)(phi)
 
 
 @functools.lru_cache(maxsize=None)
