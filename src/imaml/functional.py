@@ -153,8 +153,7 @@ def hvp_fwd_rev(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor], 
 
 def hvp_rev_rev(f: Callable[[Tensor], Tensor], x: Tensor) -> Callable[[Tensor], Tensor]:
     """Hessian-vector products by reverse-over-reverse (double back-prop): the graph of ∇f(x)
-    is built once and each product is one vector-Jacobian product through it (H is symmetric).
-    """
+    is built once and each product is one vector-Jacobian product through it (H is symmetric)."""
     _, vjp_fn = vjp(grad(f), x)
     return lambda v: vjp_fn(v)[0]
 
