@@ -97,12 +97,19 @@ def test_bench_records_a_failed_worker_and_goes_on(tmp_path, monkeypatch):
     assert [r.get("skipped") for r in res["rows"]] == [None, "worker failed: killed by signal 9 (out of memory?)", None]
 
 
-def test_keep_freed_memory_is_glibc_only_and_can_be_switched_off(monkeypatch):
+def test_keep_freed_memory_is_glibc_only_and_can_be_switched_off():
+    """In fresh processes, so that the allocator of the test session is left as it is."""
     import ctypes.util
+    import os
+    import subprocess
     import sys
-    from imaml.profiling import keep_freed_memory
-    monkeypatch.setenv("IMAML_KEEP_FREED_MEMORY", "0")
-    assert keep_freed_memory() is False
-    monkeypatch.delenv("IMAML_KEEP_FREED_MEMORY")
+    code = "from imaml.profiling import keep_freed_memory; print(keep_freed_memory())"
+
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                             capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    assert run(IMAML_KEEP_FREED_MEMORY="0") == "False"
     glibc = sys.platform.startswith("linux") and "libc.so" in (ctypes.util.find_library("c") or "")
-    assert keep_freed_memory() is glibc
+    assert run(IMAML_KEEP_FREED_MEMORY="1") == str(glibc)

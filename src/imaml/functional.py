@@ -274,16 +274,18 @@ class ProximalProblem:
         return lambda v: r(h(r(v)) + self.lam * v)
 
 
+_PEEK = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
 def _no_transform() -> bool:
     """Whether no torch.func transform (vmap, grad, jvp) is active around the caller; False
     where this torch cannot tell (its private hook missing), so ``torch.func`` is used."""
-    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-    return peek is not None and peek() is None
+    return _PEEK is not None and _PEEK() is None
 
 
 def _grad_and_value(f: Callable[[Tensor], Tensor], phi: Tensor):
-    """(∇f(φ), f(φ)) for a scalar f of a flat φ, as ``torch.func.grad_and_value`` gives them, by
-    plain autograd where no function transform (vmap, grad) is active: with a graph when φ is
+    """(∇f(φ), f(φ)) for a scalar f of a flat φ, as ``torch.func.grad_and_value`` gives them,
+    by plain autograd where no function transform (vmap, grad) is active: with a graph when φ is
     part of one (MAML's unrolled steps), without one under ``torch.no_grad``. Plain autograd
     skips functorch's per-operation wrapping (benchmarks/maml_autograd.py)."""
     if _no_transform():

@@ -68,10 +68,10 @@ def keep_freed_memory() -> bool:
     a fresh ``mmap`` and unmaps it on free, so the next tensor of that size is faulted in
     again page by page. A Mini-ImageNet Conv-4 meta-batch makes such tensors at every layer
     (80 images x 32 channels x 84 x 84 floats = 72 MiB): the iMAML-GD 2-hour config spent a
-    quarter to a third of its CPU time in the kernel (``vmstat``: 25-32% system, 100,000 minor faults per
-    second per process) and ran 32 iterations in 2 minutes; with ``M_MMAP_MAX = 0`` (no mmap
-    for allocations: the heap serves them) and no trimming of the heap it ran 46 and 47
-    (1% system). The price is resident memory: freed memory stays with the process and the heap
+    quarter to a third of its CPU time in the kernel (``vmstat``: 25-32% system, 100,000 minor
+    faults per second per process) and ran 32 iterations in 2 minutes; with ``M_MMAP_MAX = 0``
+    (no mmap for allocations: the heap serves them) and no trimming of the heap it ran 46 and
+    47 (1% system). The price is resident memory: freed memory stays with the process and the heap
     fragments (2.0 GB per process after 17 minutes of that run against 1.4 GB after 3 minutes
     without). Not used by the benchmarks, whose memory figures are differences of resident set
     sizes and would then miss reused memory.
@@ -80,7 +80,8 @@ def keep_freed_memory() -> bool:
     import ctypes.util
     import os
     import sys
-    if os.environ.get("IMAML_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    if (os.environ.get("IMAML_KEEP_FREED_MEMORY", "1") == "0"
+            or not sys.platform.startswith("linux")):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
