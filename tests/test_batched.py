@@ -113,7 +113,7 @@ def test_batched_newton_cg_equals_each_task_solve():
                   NewtonCG(steps=12, cg_iters=3, tol=0.02, max_backtracks=2, warm_start=False)):
         method = IMAML(lam=2.0, inner=inner)
         loop = [inner.solve(method.problem(fm, theta, t), theta) for t in tb.tasks()]
-        s = _inner_states(method, fm, theta, tb)
+        s, _ = _inner_states(method, fm, theta, tb)
         assert torch.allclose(s.phi, torch.stack([r.phi for r in loop]), rtol=1e-9, atol=1e-12)
         assert s.converged.tolist() == [r.converged for r in loop]
         assert s.steps.tolist() == [r.steps for r in loop]
@@ -145,11 +145,11 @@ def test_batched_adaptive_solve_leaves_once_every_task_has_converged():
     # (a ReLU network on random images: ‖∇G‖ stalls near its kinks, so a loose δ)
     method = IMAML(inner=GradientDescent(lr=0.3, steps=200, adaptive=True, tol=0.5,
                                          step_rule="bb"), linear_solver="minres")
-    states = _inner_states(method, fm, theta, tb)
+    states, history = _inner_states(method, fm, theta, tb)
     loop = [method.inner.solve(method.problem(fm, theta, t), theta) for t in tb.tasks()]
     assert all(r.converged for r in loop) and bool(states.converged.all())
     # the batch stopped at the slowest task's last iteration, not at the step cap of 200
-    assert states.history.shape[1] == 1 + max(r.steps + r.rejected for r in loop) < 201
+    assert history.shape[1] == 1 + max(r.steps + r.rejected for r in loop) < 201
     assert torch.allclose(states.phi, torch.stack([r.phi for r in loop]), rtol=1e-9, atol=1e-12)
 
 
@@ -185,3 +185,21 @@ def test_batched_accuracy_is_none_where_the_loop_has_none():
     assert r.query_accuracy is None and all(x.query_accuracy is None for x in loop)
     ref = torch.stack([x.grad for x in loop])
     assert float((r.grads - ref).norm() / ref.norm()) < 1e-10
+
+
+def test_batched_fixed_step_solve_leaves_once_every_task_has_converged():
+    """Fixed steps with a tolerance: the batch's ``run`` ends at the slowest task's last step,
+    not at the step cap, and every task's φ, steps and ‖∇G‖ history equal its own solve."""
+    from imaml.batched import _inner_states
+    fm, theta, tb = setup(B=4, seed=5)
+    method = IMAML(inner=GradientDescent(lr=0.1, steps=300, tol=0.5))
+    states, history = _inner_states(method, fm, theta, tb)
+    loop = [method.inner.solve(method.problem(fm, theta, t), theta) for t in tb.tasks()]
+    assert all(r.converged for r in loop) and bool(states.converged.all())
+    assert len({r.steps for r in loop}) > 1
+    assert history.shape[1] == max(len(r.grad_norms) for r in loop) < 300
+    assert states.steps.tolist() == [r.steps for r in loop]
+    for i, r in enumerate(loop):
+        assert torch.allclose(history[i, :len(r.grad_norms)],
+                              torch.tensor(r.grad_norms, dtype=torch.float64), rtol=1e-9)
+    assert torch.allclose(states.phi, torch.stack([r.phi for r in loop]), rtol=1e-9, atol=1e-12)

@@ -1,15 +1,14 @@
 """Meta-gradients of a whole batch of tasks at once with ``torch.func.vmap``.
 
-Nothing is re-implemented here: the inner solvers (``GradientDescent.state``,
-``Nesterov.state``) and the linear solvers (``cg_state``, ``minres_state``) are the same code
+Nothing is re-implemented here: the inner solves are ``imaml.inner.run`` on a ``Batch`` of
+the tasks' problems (each solver's ``step`` vmapped over the tasks, one iteration at a time, so
+the batch leaves its loop as soon as every task has finished; a finished task is frozen by
+masking meanwhile), and the linear solvers (``cg_state``, ``minres_state``) are the same code
 the per-task path runs, called with ``early_stop=False``: under ``vmap`` control flow cannot
-depend on data, so every task runs the same number of iterations and a task that has finished
-is frozen by masking. Adaptive gradient descent with a tolerance is driven one vmapped
-iteration at a time (``adaptive_start``/``adaptive_step``), so the batch leaves its loop as soon
-as every task has converged. The results equal the per-task loop up to floating-point summation order
-(tested in float64). Newton-CG (iMAML-HF) is driven the same way, one vmapped piece at a time
-(``NewtonCG.run``): each task backtracks along its own direction until every task of the batch
-has accepted a step.
+depend on data, so every system runs the same number of iterations. The results equal the
+per-task loop up to floating-point summation order (tested in float64). Newton-CG (iMAML-HF)
+maps the pieces of its iteration: each task backtracks along its own direction until every
+task of the batch has accepted a step.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from torch.func import grad_and_value, vmap
 
 from .functional import FunctionalModel, check_finite, curvature_product
 from .implicit import adjoint_solve
-from .inner import Adam, GradientDescent, InnerState, Nesterov, NewtonCG, NewtonOps
+from .inner import Adam, Batch, GradientDescent, Nesterov, NewtonCG, run
 from .linear import LINEAR_SOLVERS, NegativeCurvatureError
 from .meta import FOMAML, IMAML, MAML, Reptile
 
@@ -60,41 +59,14 @@ def supports_batching(method) -> bool:
     return False
 
 
-def _inner_states(method, model: FunctionalModel, theta: Tensor, batch) -> InnerState:
-    """The inner solves of every task of ``batch``, stacked. Adaptive gradient descent with a
-    tolerance runs one vmapped iteration at a time and stops as soon as every task has met it
-    (a finished task is frozen by masking meanwhile, so each result equals its own solve);
-    otherwise all ``steps`` run in one vmapped call."""
-    inner, xs, ys = method.inner, batch.x_support, batch.y_support
-    problem = lambda x, y: method.support_problem(model, theta, x, y)  # noqa: E731
-    if isinstance(inner, NewtonCG):
-        ops = NewtonOps(
-            evaluate=lambda phi: vmap(lambda x, y, p: inner.evaluate(problem(x, y), p))(xs, ys, phi),
-            direction=lambda phi, g, mu: vmap(
-                lambda x, y, p, g, m: inner.direction(problem(x, y), p, g, m))(xs, ys, phi, g, mu),
-            value=lambda phi, d, t: vmap(
-                lambda x, y, p, d, t: problem(x, y).value(p + t * d))(xs, ys, phi, d, t))
-        return inner.run(ops, theta.expand(len(xs), -1)).inner
-    if not (isinstance(inner, GradientDescent) and inner.adaptive and inner.tol > 0):
-        return vmap(lambda x, y: inner.state(problem(x, y), theta, early_stop=False))(xs, ys)
-    c = vmap(lambda x, y: inner.adaptive_start(problem(x, y), theta))(xs, ys)
-    step = vmap(lambda x, y, c: inner.adaptive_step(problem(x, y), c))
-    hist = [c.n]
-    for _ in range(inner.steps):
-        if bool(c.done.all()):
-            break
-        c = step(xs, ys, c)
-        hist.append(c.n)
-    return c.inner_state(torch.stack(hist, dim=1))
-
-
-def _inner_states_and_moments(method, model: FunctionalModel, theta: Tensor, batch):
-    """(stacked InnerState, the final Adam moments [B, 2, P] or None when not carried)."""
-    inner = method.inner
-    if isinstance(inner, Adam) and inner.carry:
-        return vmap(lambda x, y: inner.run(method.support_problem(model, theta, x, y), theta))(
-            batch.x_support, batch.y_support)
-    return _inner_states(method, model, theta, batch), None
+def _inner_states(method, model: FunctionalModel, theta: Tensor, batch):
+    """(the inner solver's final state, stacked over the tasks of ``batch``, and the ‖∇G‖
+    history [B, K]): one ``inner.run`` on the batch's problems, which leaves its loop as soon as
+    every task has finished (a finished task is frozen by masking meanwhile, so each result
+    equals its own solve)."""
+    problems = Batch(lambda x, y: method.support_problem(model, theta, x, y),
+                     batch.x_support, batch.y_support)
+    return run(method.inner, problems, theta)
 
 
 def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) -> BatchMetaGradient:
@@ -117,7 +89,7 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
         return loss, loss * float("nan")
 
     def inner_solve(xs, ys, th):
-        return method.inner.state(method.support_problem(model, th, xs, ys), th, early_stop=False)
+        return run(method.inner, method.support_problem(model, th, xs, ys), th, sync=False)[0]
 
     def per_task(xs, ys, xq, yq, s=None):
         if isinstance(method, MAML):
@@ -151,7 +123,8 @@ def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) ->
             grads, loss, acc, gn, conv, res, neg, lam_grads = vmap(per_task)(*data)
     else:
         with torch.no_grad():
-            states, moments = _inner_states_and_moments(method, model, theta, batch)
+            states, _ = _inner_states(method, model, theta, batch)
+            moments = method.inner.moments(states)
             grads, loss, acc, gn, conv, res, neg, lam_grads = vmap(per_task)(*data, states)
     check_finite(loss, "query loss")
     check_finite(grads, "task meta-gradients")

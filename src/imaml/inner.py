@@ -5,14 +5,20 @@ Each solver stops after ``steps`` iterations or as soon as ‖∇G(φ)‖ ≤ λ
 (Λ = diag λᵢ) the test is ‖Λ⁻¹∇G(φ)‖ ≤ tol (``_Solver._met``). Each reports what it
 reached and why it stopped (``stop_reason``: 'tolerance', 'step_cap' or 'line_search').
 
-One implementation of gradient descent and of Nesterov serves a single task and a
-``torch.func.vmap`` batch of tasks (in the manner of jaxopt's solvers): ``state(problem, phi0,
-early_stop)`` runs the iterations as plain tensor arithmetic and freezes a task that has met its
-tolerance by masking. A single task (``solve``) also leaves the loop once it has converged, at
-the price of one host synchronisation per step, and only when a tolerance is set; the batched
-path runs every step. Both are plain differentiable arithmetic: run on a θ that requires grad,
-they can be unrolled by autograd (that is how the MAML baselines reuse them); iMAML runs them on
-a detached θ under ``torch.no_grad`` and never keeps their history.
+Every solver has the shape of jaxopt's and optax's: ``init(problem, φ₀) -> state`` and
+``step(problem, state, k, last) -> (state, ‖∇G‖ for the history)`` on a NamedTuple of tensors
+whose first fields are shared (``phi``, ``grad_norm``, ``converged``, ``steps``, ``rejected``),
+and ONE driver, ``run(solver, problem, φ₀)``, owns the loop: the early exit, the history, the
+final gradient and the result. A task that has met its tolerance is frozen by masking, so the
+same code serves one task and a meta-batch: ``problem`` is a ``ProximalProblem`` or a
+``Batch`` of them, for which ``run`` maps the first-order solvers' ``init``/``step`` over the
+tasks with ``torch.func.vmap`` (Newton-CG maps its pieces itself: its line search leaves once
+every task of the batch has accepted a step). With ``sync=True`` (the default) ``run`` leaves the
+loop once every task has finished, at the price of one host synchronisation per step, and only
+when a tolerance is set; with ``sync=False`` (inside a function transform) it runs every step.
+The iterations are plain differentiable arithmetic: run on a θ that requires grad, they can be
+unrolled by autograd (that is how the MAML baselines reuse them); iMAML runs them on a detached
+θ under ``torch.no_grad`` and never keeps their history.
 
 **Adaptive steps** (``adaptive=True``): a network's Hessian changes by orders of magnitude
 across tasks and over meta-training, so no fixed step suits every G (too long a step makes GD
@@ -35,10 +41,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, List, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.func import vmap
 
 from . import checks
 from .functional import NonFiniteError, ProximalProblem, check_finite
@@ -58,7 +65,8 @@ class InnerResult:
         grad_norms: ‖∇G‖ at every point where a gradient was taken and kept.
         stop_reason: 'tolerance' (converged), 'step_cap' (ran out of steps) or 'line_search'
             (Newton-CG: no decrease found along the last direction).
-        rejected: adaptive solvers: trial steps rejected (and the step halved).
+        rejected: trial steps rejected (adaptive solvers: and the step halved; Newton-CG: the
+            line search's backtracks).
         line_search_failures: Newton-CG only: steps where backtracking found no decrease.
         negative_curvature: Newton-CG only: Newton systems where CG met negative curvature.
         evaluations: Newton-CG only: objective values computed by the line search.
@@ -80,19 +88,65 @@ class InnerResult:
     moments: Optional[Tensor] = None
 
 
-class InnerState(NamedTuple):
-    """A solve as tensors (what the vmapped path returns).
+class Batch(NamedTuple):
+    """The inner problems of a meta-batch for ``run``: ``make(x, y)`` builds the problem of one
+    task's support set, ``xs``/``ys`` are the support sets stacked over the tasks."""
 
-    ``grad_norm`` is ‖∇G(phi)‖ where it was evaluated at the returned phi, NaN otherwise;
-    ``history`` holds the ‖∇G‖ of every iteration (a task frozen by masking repeats its last).
-    """
+    make: Callable[[Any, Tensor], ProximalProblem]
+    xs: Any
+    ys: Tensor
 
-    phi: Tensor
-    grad_norm: Tensor
-    converged: Tensor
-    steps: Tensor
-    rejected: Tensor
-    history: Tensor
+    def map(self, fn: Callable, *args, shared: bool = False):
+        """``fn(problem, *args)`` for every task, by ``vmap``: the args batched along dim 0, or
+        the same for every task (``shared``)."""
+        dims = (0, 0) + (None if shared else 0,) * len(args)
+        return vmap(lambda x, y, *a: fn(self.make(x, y), *a), in_dims=dims)(self.xs, self.ys, *args)
+
+
+def _map(problem, fn: Callable, *args):
+    """``fn(problem, *args)`` for one problem, or for every task of a ``Batch``."""
+    return problem.map(fn, *args) if isinstance(problem, Batch) else fn(problem, *args)
+
+
+def run(solver: "_Solver", problem, phi0: Tensor, steps: Optional[int] = None,
+        sync: bool = True) -> Tuple[NamedTuple, Tensor]:
+    """Solve from φ₀ (usually θ): (the solver's final state, the history of ‖∇G‖).
+
+    ``problem`` is a ``ProximalProblem`` (φ₀ [P]) or a ``Batch`` (φ₀ [B, P], or [P] for the
+    same start for every task; the state and the history [B, K] then stacked over tasks).
+    ``sync``: the loop may ask the host whether every task has finished, and leave (only where
+    the solver can finish early); pass False inside a ``torch.func`` transform, where every
+    step then runs. Where a tolerance or a report asks
+    for ‖∇G‖ at the returned φ and the iterations did not evaluate it, one more gradient does
+    (appended to the history)."""
+    steps = solver.steps if steps is None else steps
+    init, step = solver.init, solver.step
+    if solver.mapped and isinstance(problem, Batch):
+        shared = phi0.dim() == 1  # one φ₀ (θ) for every task
+        if not (sync and solver.stops):  # nothing to leave early for: vmap the whole solve
+            return problem.map(lambda q, p: run(solver, q, p, steps, sync=False), phi0,
+                               shared=shared)
+        init = lambda pr, p: pr.map(solver.init, p, shared=shared)  # noqa: E731
+        step = lambda pr, s, k, last: pr.map(  # noqa: E731
+            lambda q, s: solver.step(q, s, k, last), s)
+    s = init(problem, phi0)
+    hist = [s.grad_norm] if solver.logs_start else []
+    stoppable = sync and solver.stops
+    for k in range(steps):
+        if stoppable and bool(solver.finished(s).all()):
+            break
+        s, n = step(problem, s, k, k + 1 == steps)
+        if n is not None:
+            hist.append(n)
+    wanted = solver.tol > 0 or solver.report
+    if wanted and not (sync and bool(torch.isfinite(s.grad_norm).all())):
+        n, met = _map(problem, solver._norm_and_met, s.phi)  # the extra gradient a report costs
+        missing = torch.isnan(s.grad_norm)
+        s = s._replace(grad_norm=torch.where(missing, n, s.grad_norm),
+                       converged=s.converged | (missing & met))
+        hist.append(n)
+    history = torch.stack(hist, -1) if hist else s.phi.new_zeros(s.phi.shape[:-1] + (0,))
+    return s, history
 
 
 def _check_args(steps: int, tol: float, lr: Optional[float] = None) -> None:
@@ -106,17 +160,30 @@ def _norm(g: Tensor) -> Tensor:
     return torch.linalg.vector_norm(g.detach())
 
 
-def _grad_at(problem: ProximalProblem, phi: Tensor) -> Tensor:
-    """∇G(φ) at a returned φ, without a graph."""
-    with torch.no_grad():
-        return problem.grad(phi.detach()).detach()
+def _flags(phi0: Tensor):
+    """(converged False, zero count, NaN): the shared fields of a state before any step."""
+    zero = torch.zeros((), dtype=torch.int64, device=phi0.device)
+    return torch.zeros((), dtype=torch.bool, device=phi0.device), zero, phi0.new_full((), math.nan)
 
 
 class _Solver:
+    """What ``run`` asks of a solver: ``init``/``step`` (per task when ``mapped``, else on a
+    problem or a ``Batch`` as it is), ``logs_start`` (whether ``init`` evaluated ‖∇G(φ₀)‖, the
+    history's first entry), ``stops`` (whether the loop can end before the step cap) and
+    ``finished``."""
+
     steps: int
     tol: float
     report: bool
-    adaptive: bool = False
+    mapped = True
+    logs_start = False
+
+    @property
+    def stops(self) -> bool:
+        return self.tol > 0
+
+    def finished(self, s) -> Tensor:
+        return s.converged
 
     def _met(self, problem: ProximalProblem, g: Tensor, n: Tensor) -> Tensor:
         """Whether ∇G = g (of norm n) meets the tolerance: ‖∇G‖ ≤ λ·tol, and with one λ per
@@ -132,41 +199,41 @@ class _Solver:
             return _norm(g / problem.lam) <= self.tol
         return n <= problem.lam * self.tol
 
-    def state(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None,
-              early_stop: bool = False) -> InnerState:
+    def _norm_and_met(self, problem: ProximalProblem, phi: Tensor):
+        with torch.no_grad():
+            g = problem.grad(phi.detach()).detach()
+        n = _norm(g)
+        return n, self._met(problem, g, n)
+
+    def init(self, problem, phi0: Tensor):
         raise NotImplementedError
 
-    def _final(self, problem: ProximalProblem, s: InnerState, early_stop: bool) -> InnerState:
-        """Where the iterations did not evaluate ‖∇G‖ at the returned φ and a tolerance or a
-        report asks for it, one more gradient does (appended to the history)."""
-        if not (self.tol > 0 or self.report):
-            return s
-        if early_stop and bool(torch.isfinite(s.grad_norm)):
-            return s
-        g = _grad_at(problem, s.phi)  # the one extra gradient a report costs
-        n = _norm(g)
-        missing = torch.isnan(s.grad_norm)
-        converged = s.converged | (missing & self._met(problem, g, n))
-        return s._replace(grad_norm=torch.where(missing, n, s.grad_norm), converged=converged,
-                          history=torch.cat([s.history, n.reshape(1)]))
+    def step(self, problem, s, k: int, last: bool):
+        raise NotImplementedError
+
+    def moments(self, s) -> Optional[Tensor]:
+        """What a solve carries to the next meta-iteration (Adam's moments), or None."""
+        return None
+
+    def _extras(self, s) -> dict:
+        return {}
 
     def solve(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None
               ) -> InnerResult:
         """Solve one task's inner problem from φ₀ (usually θ)."""
-        return self._result(self.state(problem, phi0, steps, early_stop=True))
-
-    def _result(self, s: InnerState) -> InnerResult:
-        history = s.history.tolist()  # one host synchronisation for the whole solve
-        if not all(h < float("inf") for h in history):
-            raise NonFiniteError(f"inner gradient is not finite (‖∇G‖ = {history[:4]}...); "
+        s, history = run(self, problem, phi0, steps)
+        hist = history.tolist()  # one host synchronisation for the whole solve
+        if not all(h < float("inf") for h in hist):
+            raise NonFiniteError(f"inner gradient is not finite (‖∇G‖ = {hist[:4]}...); "
                                  "lower the learning rate, check the inputs for NaN, or raise lam")
-        result = InnerResult(phi=s.phi, steps=int(s.steps), rejected=int(s.rejected),
-                             grad_norms=history, converged=bool(s.converged))
         grad_norm = float(s.grad_norm)
-        if grad_norm == grad_norm:
-            result.grad_norm = grad_norm
-        result.stop_reason = "tolerance" if result.converged else "step_cap"
-        return result
+        extras = self._extras(s)
+        converged = bool(s.converged)
+        stop = ("tolerance" if converged else
+                "line_search" if extras.get("line_search_failures") else "step_cap")
+        return InnerResult(phi=s.phi, steps=int(s.steps), rejected=int(s.rejected),
+                           grad_norms=hist, converged=converged, stop_reason=stop,
+                           grad_norm=grad_norm if grad_norm == grad_norm else None, **extras)
 
 
 def _sufficient_decrease(f: Tensor, f_trial: Tensor, lr: Tensor, grad_norm: Tensor,
@@ -206,6 +273,21 @@ STEP_RULES = ("grow", "bb")
 _BB_RANGE = 10.0  # a Barzilai–Borwein step is at most this factor longer or shorter than the last
 
 
+class GDState(NamedTuple):
+    """Gradient descent's state: the shared fields, then G, ∇G and the trial step at φ, and G
+    at the last ``memory`` accepted points (adaptive steps only; NaN without)."""
+
+    phi: Tensor
+    grad_norm: Tensor
+    converged: Tensor
+    steps: Tensor
+    rejected: Tensor
+    f: Tensor
+    g: Tensor
+    lr: Tensor
+    recent: Tensor
+
+
 @dataclass
 class GradientDescent(_FirstOrder):
     """φ ← φ − lr ∇G(φ), from φ₀ = θ; with ``adaptive``, lr is adapted per task by accepting or
@@ -226,61 +308,38 @@ class GradientDescent(_FirstOrder):
         if self.memory < 1:
             raise ValueError(f"memory must be at least 1, got {self.memory}")
 
-    def state(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None,
-              early_stop: bool = False) -> InnerState:
-        steps = self.steps if steps is None else steps
-        if self.adaptive:
-            return self._adaptive(problem, phi0, steps, early_stop)
-        phi = phi0
-        done = torch.zeros((), dtype=torch.bool, device=phi0.device)
-        taken = torch.zeros((), dtype=torch.int64, device=phi0.device)
-        hist, last = [], None
-        for _ in range(steps):
-            g = problem.grad(phi)
-            n = _norm(g)
-            hist.append(n)
-            if self.tol > 0:  # a task that met the tolerance stays where it met it
-                done = done | self._met(problem, g, n)
-                phi = torch.where(done, phi, phi - self.lr * g)
-                taken = taken + (~done).long()
-                last = n
-                if early_stop and bool(done):
-                    break
-            else:
-                phi = phi - self.lr * g
-                taken = taken + 1
-        nan = phi0.new_full((), float("nan"))
-        # the last gradient was taken at the returned φ only if the solve stopped on it
-        grad_norm = torch.where(done, last, nan) if last is not None else nan
-        history = torch.stack(hist) if hist else phi0.new_zeros(0)
-        return self._final(problem, InnerState(phi, grad_norm, done, taken,
-                                               torch.zeros_like(taken), history), early_stop)
+    @property
+    def logs_start(self) -> bool:
+        return self.adaptive
 
-    def _adaptive(self, problem, phi0, steps, early_stop) -> InnerState:
-        c = self.adaptive_start(problem, phi0)
-        hist = [c.n]
-        for _ in range(steps):
-            if early_stop and self.tol > 0 and bool(c.done):
-                break
-            c = self.adaptive_step(problem, c)
-            hist.append(c.n)
-        return c.inner_state(torch.stack(hist))
-
-    def adaptive_start(self, problem: ProximalProblem, phi0: Tensor) -> "AdaptiveCarry":
-        """The state of an adaptive solve before its first iteration (with ``adaptive_step``,
-        what lets a batched caller leave the loop once every task has converged)."""
+    def init(self, problem: ProximalProblem, phi0: Tensor) -> GDState:
+        no, zero, nan = _flags(phi0)
+        lr = phi0.new_full((), self.lr)
+        if not self.adaptive:
+            return GDState(phi0, nan, no, zero, zero, nan, nan, lr, nan)
         f, g = problem.value_and_grad(phi0)
         n = _norm(g)
-        done = self._met(problem, g, n)
-        zero = torch.zeros((), dtype=torch.int64, device=phi0.device)
-        return AdaptiveCarry(phi0, f, g, n, phi0.new_full((), self.lr), done, zero, zero,
-                             f.detach().expand(self.memory).clone())
+        return GDState(phi0, n, self._met(problem, g, n), zero, zero, f, g, lr,
+                       f.detach().expand(self.memory).clone())
 
-    def adaptive_step(self, problem: ProximalProblem, c: "AdaptiveCarry") -> "AdaptiveCarry":
+    def step(self, problem: ProximalProblem, s: GDState, k: int, last: bool):
+        if self.adaptive:
+            s = self._adaptive_step(problem, s)
+            return s, s.grad_norm
+        g = problem.grad(s.phi)
+        n = _norm(g)
+        if self.tol <= 0:
+            return s._replace(phi=s.phi - self.lr * g, steps=s.steps + 1), n
+        done = s.converged | self._met(problem, g, n)  # a task that met it stays where it met it
+        return s._replace(phi=torch.where(done, s.phi, s.phi - self.lr * g),
+                          grad_norm=torch.where(done, n, s.grad_norm), converged=done,
+                          steps=s.steps + (~done).long()), n
+
+    def _adaptive_step(self, problem: ProximalProblem, s: GDState) -> GDState:
         """One accept/reject iteration (a task that has converged stays frozen)."""
-        phi, f, g, n, lr, done = c.phi, c.f, c.g, c.n, c.lr, c.done
+        phi, f, g, n, lr, done = s.phi, s.f, s.g, s.grad_norm, s.lr, s.converged
         bb = self.step_rule == "bb"
-        recent = c.recent  # G at the last accepted points (the non-monotone test of 'bb')
+        recent = s.recent  # G at the last accepted points (the non-monotone test of 'bb')
         trial = phi - lr * g
         ft, gt = problem.value_and_grad(trial)
         nt = _norm(gt)
@@ -289,36 +348,32 @@ class GradientDescent(_FirstOrder):
         accept = accept & ~done
         reject = ~done & ~accept
         if bb:
-            s, y = -lr * g, gt - g
-            sy = torch.dot(s.detach(), y.detach())
+            s_, y = -lr * g, gt - g
+            sy = torch.dot(s_.detach(), y.detach())
             step = torch.where(sy > 0, lr * lr * n * n / sy, lr * _BB_RANGE)
             next_lr = step.clamp(lr / _BB_RANGE, lr * _BB_RANGE)
             recent = torch.where(accept, torch.cat([recent[1:], ft.detach().reshape(1)]), recent)
         else:
             next_lr = torch.where(grow, lr * self.grow, lr)
         n, g = torch.where(accept, nt, n), torch.where(accept, gt, g)
-        return AdaptiveCarry(
-            torch.where(accept, trial, phi), torch.where(accept, ft, f), g, n,
-            torch.where(accept, next_lr, torch.where(reject, 0.5 * lr, lr)),
-            done | self._met(problem, g, n), c.taken + accept.long(),
-            c.rejected + reject.long(), recent)
+        return GDState(torch.where(accept, trial, phi), n, done | self._met(problem, g, n),
+                       s.steps + accept.long(), s.rejected + reject.long(),
+                       torch.where(accept, ft, f), g,
+                       torch.where(accept, next_lr, torch.where(reject, 0.5 * lr, lr)), recent)
 
 
-class AdaptiveCarry(NamedTuple):
-    """What an adaptive gradient-descent solve carries from one iteration to the next."""
+class NesterovState(NamedTuple):
+    """Nesterov's state: the shared fields, then the previous iterate, the step and G(φ)
+    (adaptive steps only; NaN without)."""
 
     phi: Tensor
-    f: Tensor
-    g: Tensor
-    n: Tensor
-    lr: Tensor
-    done: Tensor
-    taken: Tensor
+    grad_norm: Tensor
+    converged: Tensor
+    steps: Tensor
     rejected: Tensor
-    recent: Tensor
-
-    def inner_state(self, history: Tensor) -> InnerState:
-        return InnerState(self.phi, self.n, self.done, self.taken, self.rejected, history)
+    phi_prev: Tensor
+    lr: Tensor
+    f_phi: Tensor
 
 
 @dataclass
@@ -339,57 +394,53 @@ class Nesterov(_FirstOrder):
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
-    def state(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None,
-              early_stop: bool = False) -> InnerState:
-        steps = self.steps if steps is None else steps
-        mu = self.momentum
-        phi_prev = phi = phi0
-        done = torch.zeros((), dtype=torch.bool, device=phi0.device)
-        taken = torch.zeros((), dtype=torch.int64, device=phi0.device)
-        rejected = torch.zeros_like(taken)
-        lr = phi0.new_full((), self.lr)
-        f_phi = problem.value(phi0) if self.adaptive else None
-        nan = phi0.new_full((), float("nan"))
-        hist, last = [], nan
-        for _ in range(steps):
-            y = phi + mu * (phi - phi_prev)
-            if self.adaptive:
-                fy, g = problem.value_and_grad(y)
-            else:
-                g = problem.grad(y)
-            n = _norm(g)
-            hist.append(n)
-            tol = self.tol > 0
-            newly = ~done & self._met(problem, g, n) if tol else done
-            if tol:  # converged at y: stay there, without momentum
-                last = torch.where(newly, n, last)
-                done = done | newly
-            trial = y - lr * g
-            if not self.adaptive:
-                if tol:
-                    phi_prev, phi = torch.where(done, y, phi), torch.where(done, y, trial)
-                    taken = taken + (~done).long()
-                else:
-                    phi_prev, phi = phi, trial
-                    taken = taken + 1
-            else:
-                ft = problem.value(trial)
-                accept, grow = _sufficient_decrease(fy, ft, lr, n, torch.ones_like(done))
-                accept = accept & ~done
-                reject = ~done & ~accept
-                restart = accept & (ft > f_phi)
-                new_phi = torch.where(done, y, torch.where(accept, trial, phi))
-                phi_prev = torch.where(done | reject | restart, new_phi, phi)
-                phi = new_phi
-                f_phi = torch.where(accept, ft, torch.where(newly, fy, f_phi))
-                lr = torch.where(accept & grow, lr * self.grow, torch.where(reject, 0.5 * lr, lr))
-                taken = taken + accept.long()
-                rejected = rejected + reject.long()
-            if early_stop and tol and bool(done):
-                break
-        history = torch.stack(hist) if hist else phi0.new_zeros(0)
-        return self._final(problem, InnerState(phi, torch.where(done, last, nan), done, taken,
-                                               rejected, history), early_stop)
+    def init(self, problem: ProximalProblem, phi0: Tensor) -> NesterovState:
+        no, zero, nan = _flags(phi0)
+        f_phi = problem.value(phi0) if self.adaptive else nan
+        return NesterovState(phi0, nan, no, zero, zero, phi0, phi0.new_full((), self.lr), f_phi)
+
+    def step(self, problem: ProximalProblem, s: NesterovState, k: int, last: bool):
+        phi, phi_prev, lr, done = s.phi, s.phi_prev, s.lr, s.converged
+        y = phi + self.momentum * (phi - phi_prev)
+        if self.adaptive:
+            fy, g = problem.value_and_grad(y)
+        else:
+            g = problem.grad(y)
+        n = _norm(g)
+        tol = self.tol > 0
+        newly = ~done & self._met(problem, g, n) if tol else done
+        grad_norm = torch.where(newly, n, s.grad_norm)  # converged at y: stay there, no momentum
+        done = done | newly
+        trial = y - lr * g
+        if not self.adaptive:
+            if not tol:
+                return s._replace(phi=trial, phi_prev=phi, steps=s.steps + 1), n
+            return s._replace(phi=torch.where(done, y, trial), phi_prev=torch.where(done, y, phi),
+                              grad_norm=grad_norm, converged=done,
+                              steps=s.steps + (~done).long()), n
+        ft = problem.value(trial)
+        accept, grow = _sufficient_decrease(fy, ft, lr, n, torch.ones_like(done))
+        accept = accept & ~done
+        reject = ~done & ~accept
+        restart = accept & (ft > s.f_phi)
+        new_phi = torch.where(done, y, torch.where(accept, trial, phi))
+        return NesterovState(
+            new_phi, grad_norm, done, s.steps + accept.long(), s.rejected + reject.long(),
+            torch.where(done | reject | restart, new_phi, phi),
+            torch.where(accept & grow, lr * self.grow, torch.where(reject, 0.5 * lr, lr)),
+            torch.where(accept, ft, torch.where(newly, fy, s.f_phi))), n
+
+
+class AdamState(NamedTuple):
+    """Adam's state: the shared fields, then its moments m and v."""
+
+    phi: Tensor
+    grad_norm: Tensor
+    converged: Tensor
+    steps: Tensor
+    rejected: Tensor
+    m: Tensor
+    v: Tensor
 
 
 @dataclass
@@ -422,6 +473,7 @@ class Adam(_Solver):
     m0: Optional[Tensor] = None
     v0: Optional[Tensor] = None
     t0: int = 0
+    stops = False
 
     def __post_init__(self):
         _check_args(self.steps, self.tol, self.lr)
@@ -436,42 +488,47 @@ class Adam(_Solver):
         """This solver, starting every task from the moments (m, v) of t earlier steps."""
         return replace(self, m0=m.detach(), v0=v.detach(), t0=int(t))
 
-    def state(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None,
-              early_stop: bool = False) -> InnerState:
-        return self.run(problem, phi0, steps, early_stop)[0]
-
-    def run(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None,
-            early_stop: bool = False):
-        """(InnerState, the final moments [m, v] stacked, [2, P])."""
-        steps = self.steps if steps is None else steps
-        phi = phi0
+    def init(self, problem: ProximalProblem, phi0: Tensor) -> AdamState:
+        no, zero, nan = _flags(phi0)
         m = torch.zeros_like(phi0) if self.m0 is None else self.m0.to(phi0)
         v = torch.zeros_like(phi0) if self.v0 is None else self.v0.to(phi0)
-        hist = []
-        for k in range(steps):
-            g = (problem.grad(phi) if self.batch_size is None
-                 else problem.batch_grad(phi, k, self.batch_size))
-            hist.append(_norm(g))
-            m = self.beta1 * m + (1 - self.beta1) * g
-            v = self.beta2 * v + (1 - self.beta2) * g * g
-            t = self.t0 + k + 1
-            m_hat = m / (1 - self.beta1 ** t)
-            v_hat = v / (1 - self.beta2 ** t)
-            phi = phi - self.lr * m_hat / (v_hat.sqrt() + self.eps)
-        taken = torch.full((), steps, dtype=torch.int64, device=phi0.device)
-        history = torch.stack(hist) if hist else phi0.new_zeros(0)
-        nan = phi0.new_full((), float("nan"))
-        state = InnerState(phi, nan, torch.zeros((), dtype=torch.bool, device=phi0.device),
-                           taken, torch.zeros_like(taken), history)
-        return self._final(problem, state, early_stop), torch.stack([m, v])
+        return AdamState(phi0, nan, no, zero, zero, m, v)
 
-    def solve(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None
-              ) -> InnerResult:
-        s, moments = self.run(problem, phi0, steps, early_stop=True)
-        result = self._result(s)
-        if self.carry:
-            result.moments = moments.detach()
-        return result
+    def step(self, problem: ProximalProblem, s: AdamState, k: int, last: bool):
+        g = (problem.grad(s.phi) if self.batch_size is None
+             else problem.batch_grad(s.phi, k, self.batch_size))
+        m = self.beta1 * s.m + (1 - self.beta1) * g
+        v = self.beta2 * s.v + (1 - self.beta2) * g * g
+        t = self.t0 + k + 1
+        m_hat = m / (1 - self.beta1 ** t)
+        v_hat = v / (1 - self.beta2 ** t)
+        phi = s.phi - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+        return s._replace(phi=phi, steps=s.steps + 1, m=m, v=v), _norm(g)
+
+    def moments(self, s: AdamState) -> Optional[Tensor]:
+        return torch.stack([s.m, s.v], -2).detach() if self.carry else None
+
+    def _extras(self, s: AdamState) -> dict:
+        return {"moments": self.moments(s)}
+
+
+class NewtonState(NamedTuple):
+    """Newton-CG's state: the shared fields (``rejected``: the line search's backtracks), then
+    G and ∇G at φ, whether the line search failed, the last accepted step, the damping μ, the
+    objective values the line search computed and the systems that met negative curvature."""
+
+    phi: Tensor
+    grad_norm: Tensor
+    converged: Tensor
+    steps: Tensor
+    rejected: Tensor
+    f: Tensor
+    g: Tensor
+    failed: Tensor
+    t_last: Tensor
+    mu: Tensor
+    evaluations: Tensor
+    negative_curvature: Tensor
 
 
 @dataclass
@@ -487,8 +544,9 @@ class NewtonCG(_Solver):
     (scripts/probe_newton.py measured 760 against 206 objective evaluations over 100 steps). A
     line search that finds no decrease in ``max_backtracks`` halvings leaves φ where it was,
     ends the solve (``stop_reason`` 'line_search') and is counted in the result.
-    A meta-batch runs under ``vmap`` (``imaml.batched``): every task has its own step, damping
-    and stopping state, and the batch backtracks until each task has accepted a step (``run``).
+    On a ``Batch`` (``run``) each piece of an iteration (``evaluate``, ``direction``, the
+    objective) is vmapped over the tasks; every task has its own step, damping and stopping
+    state, and the batch backtracks until each task has accepted a step or run out of halvings.
 
     **Damping** (``damping`` μ₀ > 0; Levenberg–Marquardt, as in Martens 2010): the direction
     solves (∇²G + μI) d = −∇G instead. Where the network Hessian makes ∇²G indefinite, a
@@ -509,6 +567,9 @@ class NewtonCG(_Solver):
     report: bool = False
     warm_start: bool = True
     damping: float = 0.0
+    mapped = False
+    logs_start = True
+    stops = True
 
     def __post_init__(self):
         _check_args(self.steps, self.tol)
@@ -519,31 +580,15 @@ class NewtonCG(_Solver):
         if not 0 < self.backtrack < 1 or not 0 < self.armijo < 1:
             raise ValueError("backtrack and armijo must lie in (0, 1)")
 
-    def solve(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None
-              ) -> InnerResult:
-        ops = NewtonOps(
-            evaluate=lambda phi: self.evaluate(problem, phi),
-            direction=lambda phi, g, mu: self.direction(problem, phi, g, mu, early_stop=True),
-            value=lambda phi, d, t: problem.value(phi + t * d).detach())
-        s = self.run(ops, phi0, steps)
-        st = s.inner
-        result = InnerResult(phi=st.phi, steps=int(st.steps), converged=bool(st.converged),
-                             grad_norms=st.history.tolist(), evaluations=int(s.evaluations),
-                             negative_curvature=int(s.negative_curvature),
-                             line_search_failures=int(s.line_search_failed),
-                             damping=float(s.damping))
-        if bool(torch.isfinite(st.grad_norm)):
-            result.grad_norm = float(st.grad_norm)
-        result.stop_reason = ("tolerance" if result.converged else
-                              "line_search" if result.line_search_failures else "step_cap")
-        return result
+    def finished(self, s: NewtonState) -> Tensor:
+        return s.converged | s.failed
 
-    # The pieces of one Newton iteration that touch the problem, for one task; the batched
-    # path (imaml.batched) vmaps them over the tasks of a meta-batch, and ``run`` drives
-    # either, so one implementation serves both.
+    def _extras(self, s: NewtonState) -> dict:
+        return {"evaluations": int(s.evaluations), "negative_curvature": int(s.negative_curvature),
+                "line_search_failures": int(s.failed), "damping": float(s.mu)}
 
     def evaluate(self, problem: ProximalProblem, phi: Tensor):
-        """(G, ∇G, ‖∇G‖, whether the tolerance is met) at φ."""
+        """(G, ∇G, ‖∇G‖, whether the tolerance is met) at φ, for one task."""
         f, g = problem.value_and_grad(phi)
         f, g = f.detach(), g.detach()
         n = _norm(g)
@@ -551,8 +596,8 @@ class NewtonCG(_Solver):
 
     def direction(self, problem: ProximalProblem, phi: Tensor, g: Tensor, mu: Tensor,
                   early_stop: bool = False):
-        """CG on (∇²G + μI) d = −∇G: (d, gᵀd, whether the system proved indefinite or d was
-        replaced by −∇G, whether CG met negative curvature, ‖d‖²)."""
+        """CG on (∇²G + μI) d = −∇G for one task: (d, gᵀd, whether the system proved indefinite
+        or d was replaced by −∇G, whether CG met negative curvature, ‖d‖²)."""
         hvp = problem.hvp(phi, self.hvp_mode)
         cg = cg_state(lambda v: hvp(v) + mu * v, -g, max_iter=self.cg_iters,
                       early_stop=early_stop)
@@ -563,61 +608,62 @@ class NewtonCG(_Solver):
         slope = torch.where(fallback, -torch.dot(g, g), slope)
         return d, slope, fallback | cg.negative_curvature, cg.negative_curvature, torch.dot(d, d)
 
-    def run(self, ops: "NewtonOps", phi0: Tensor, steps: Optional[int] = None) -> "NewtonState":
-        """Newton-CG iterations from φ₀ for one task (φ₀ [P]) or a batch ([B, P], with ``ops``
-        vmapped). A task that met its tolerance or whose line search failed is frozen; the
-        loop ends once no task is active. The line search tries each task's own step until
-        every task has accepted one or run out of halvings."""
-        steps = self.steps if steps is None else steps
-        phi = phi0.detach()
-        f, g, n, met = ops.evaluate(phi)
+    def _evaluate(self, problem, phi: Tensor):
+        f, g, n, met = _map(problem, self.evaluate, phi)
         check_finite(g, "inner gradient")
         check_finite(f, "inner objective")
+        return f, g, n, met
+
+    def init(self, problem, phi0: Tensor) -> NewtonState:
+        phi = phi0.detach()
+        if isinstance(problem, Batch) and phi.dim() == 1:
+            phi = phi.expand(len(problem.ys), -1)
+        f, g, n, met = self._evaluate(problem, phi)
         count = torch.zeros(n.shape, dtype=torch.int64, device=phi.device)
-        done, failed = met, torch.zeros_like(met)
-        t_last = torch.full_like(n, 0.5)  # so that the first trial is the Newton step, t = 1
-        mu = torch.full_like(n, self.damping)
-        taken, evals, neg = count, count, count
-        hist, current = [n], True
-        for k in range(steps):
-            active = ~(done | failed)
-            if not bool(active.any()):
+        return NewtonState(phi, n, met, count, count, f, g, torch.zeros_like(met),
+                           torch.full_like(n, 0.5),  # so that the first trial is the Newton step
+                           torch.full_like(n, self.damping), count, count)
+
+    def step(self, problem, s: NewtonState, k: int, last: bool):
+        """One Newton iteration for one task or a ``Batch`` (φ [B, P]): a task that met its
+        tolerance or whose line search failed is frozen; the line search tries each task's own
+        step until every task has accepted one or run out of halvings."""
+        active = ~(s.converged | s.failed)
+        single = not isinstance(problem, Batch)  # (a single CG may leave once it is done)
+        d, slope, indefinite, negc, dd = _map(
+            problem, lambda q, p, g, mu: self.direction(q, p, g, mu, early_stop=single),
+            s.phi, s.g, s.mu)
+        neg = s.negative_curvature + (active & negc).long()
+        t = torch.clamp(2 * s.t_last, max=1.0) if self.warm_start else torch.ones_like(s.t_last)
+        searching, t_acc, f_acc, evals = active, torch.zeros_like(t), s.f, s.evaluations
+        for _ in range(self.max_backtracks):
+            ft = _map(problem, lambda q, p, d, t: q.value(p + t * d).detach(), s.phi, d, t)
+            evals = evals + searching.long()
+            ok = searching & torch.isfinite(ft) & (ft <= s.f + self.armijo * t * slope)
+            t_acc, f_acc = torch.where(ok, t, t_acc), torch.where(ok, ft, f_acc)
+            searching = searching & ~ok
+            if not bool(searching.any()):
                 break
-            d, slope, indefinite, negc, dd = ops.direction(phi, g, mu)
-            neg = neg + (active & negc).long()
-            t = torch.clamp(2 * t_last, max=1.0) if self.warm_start else torch.ones_like(t_last)
-            searching, t_acc, f_acc = active, torch.zeros_like(t), f
-            for _ in range(self.max_backtracks):
-                ft = ops.value(phi, d, t)
-                evals = evals + searching.long()
-                ok = searching & torch.isfinite(ft) & (ft <= f + self.armijo * t * slope)
-                t_acc, f_acc = torch.where(ok, t, t_acc), torch.where(ok, ft, f_acc)
-                searching = searching & ~ok
-                if not bool(searching.any()):
-                    break
-                t = torch.where(searching, t * self.backtrack, t)
-            # no decrease along d: the same direction would fail again, so that task stops
-            failed = failed | searching
-            accepted = active & ~searching
-            if not bool(accepted.any()):
-                continue
-            if self.damping > 0:
-                mu = torch.where(accepted, _adapt_damping(mu, f_acc - f, t_acc, slope, dd,
-                                                          indefinite), mu)
-            t_last = torch.where(accepted, t_acc, t_last)
-            phi = torch.where(accepted[..., None], phi + t_acc[..., None] * d, phi)
-            taken = taken + accepted.long()
-            current = k + 1 < steps or self.tol > 0 or self.report
-            if current:  # (after the last step only when a tolerance or a report needs it)
-                f, g, n_new, met = ops.evaluate(phi)
-                check_finite(g, "inner gradient")
-                check_finite(f, "inner objective")
-                n = torch.where(accepted, n_new, n)
-                done = done | (accepted & met)
-                hist.append(n)
-        grad_norm = n if current else torch.full_like(n, float("nan"))
-        return NewtonState(InnerState(phi, grad_norm, done, taken, evals - taken,
-                                      torch.stack(hist, -1)), evals, neg, failed, mu)
+            t = torch.where(searching, t * self.backtrack, t)
+        # no decrease along d: the same direction would fail again, so that task stops
+        accepted = active & ~searching
+        s = s._replace(failed=s.failed | searching, evaluations=evals, negative_curvature=neg,
+                       rejected=evals - s.steps)
+        if not bool(accepted.any()):
+            return s, None
+        mu = s.mu
+        if self.damping > 0:
+            mu = torch.where(accepted, _adapt_damping(mu, f_acc - s.f, t_acc, slope, dd,
+                                                      indefinite), mu)
+        phi = torch.where(accepted[..., None], s.phi + t_acc[..., None] * d, s.phi)
+        taken = s.steps + accepted.long()
+        s = s._replace(phi=phi, steps=taken, rejected=evals - taken, mu=mu,
+                       t_last=torch.where(accepted, t_acc, s.t_last))
+        if last and not (self.tol > 0 or self.report):  # (‖∇G‖ after the last step: not needed)
+            return s._replace(grad_norm=torch.where(accepted, math.nan, s.grad_norm)), None
+        f, g, n_new, met = self._evaluate(problem, phi)
+        n = torch.where(accepted, n_new, s.grad_norm)
+        return s._replace(f=f, g=g, grad_norm=n, converged=s.converged | (accepted & met)), n
 
 
 def _adapt_damping(mu: Tensor, actual: Tensor, t: Tensor, slope: Tensor, dd: Tensor,
@@ -630,25 +676,3 @@ def _adapt_damping(mu: Tensor, actual: Tensor, t: Tensor, slope: Tensor, dd: Ten
     rho = torch.where(predicted < 0, actual / torch.where(predicted < 0, predicted, -1.0), 0.0)
     new = torch.where(rho > 0.75, mu * (2 / 3), torch.where(rho < 0.25, mu * 1.5, mu))
     return torch.where(indefinite, mu * 1.5, new)
-
-
-class NewtonOps(NamedTuple):
-    """What ``NewtonCG.run`` asks of the problem(s): ``evaluate(φ)``, ``direction(φ, g, μ)``
-    (``NewtonCG.evaluate``/``direction`` for one task, or those vmapped over a batch) and
-    ``value(φ, d, t)`` = G(φ + t d)."""
-
-    evaluate: Callable
-    direction: Callable
-    value: Callable
-
-
-class NewtonState(NamedTuple):
-    """A Newton-CG solve as tensors: the ``InnerState`` plus Newton-CG's own counts
-    (line-search evaluations, systems that met negative curvature, whether the line search
-    failed, the final damping μ)."""
-
-    inner: InnerState
-    evaluations: Tensor
-    negative_curvature: Tensor
-    line_search_failed: Tensor
-    damping: Tensor
