@@ -8,17 +8,18 @@ reached and why it stopped (``stop_reason``: 'tolerance', 'step_cap' or 'line_se
 Every solver has the shape of jaxopt's and optax's: ``init(problem, φ₀) -> state`` and
 ``step(problem, state, k, last) -> (state, ‖∇G‖ for the history)`` on a NamedTuple of tensors
 whose first fields are shared (``phi``, ``grad_norm``, ``converged``, ``steps``, ``rejected``),
-and ONE driver, ``run(solver, problem, φ₀)``, owns the loop: the early exit, the history, the
-final gradient and the result. A task that has met its tolerance is frozen by masking, so the
-same code serves one task and a meta-batch: ``problem`` is a ``ProximalProblem`` or a
-``Batch`` of them, for which ``run`` maps the first-order solvers' ``init``/``step`` over the
-tasks with ``torch.func.vmap`` (Newton-CG maps its pieces itself: its line search leaves once
-every task of the batch has accepted a step). With ``sync=True`` (the default) ``run`` leaves the
-loop once every task has finished, at the price of one host synchronisation per step, and only
-when a tolerance is set; with ``sync=False`` (inside a function transform) it runs every step.
-The iterations are plain differentiable arithmetic: run on a θ that requires grad, they can be
-unrolled by autograd (that is how the MAML baselines reuse them); iMAML runs them on a detached
-θ under ``torch.no_grad`` and never keeps their history.
+and ONE driver, ``run(solver, problem, φ₀)``, owns the loop: the early exit, the history and the
+final gradient (``solve`` turns what it returns into an ``InnerResult``). A task that has met
+its tolerance is frozen by masking, so the same code serves one task and a meta-batch:
+``problem`` is a ``ProximalProblem`` or a ``Batch`` of them, for which ``run`` maps the
+first-order solvers' ``init``/``step`` over the tasks with ``torch.func.vmap`` (Newton-CG maps
+its pieces itself: its line search leaves once every task of the batch has accepted a step).
+With ``sync=True`` (the default) ``run`` leaves the loop once every task has finished, at the
+price of one host synchronisation per step, and only when a tolerance is set; with
+``sync=False`` (inside a function transform) it runs every step. The iterations are plain
+differentiable arithmetic: run on a θ that requires grad, they can be unrolled by autograd (that
+is how the MAML baselines reuse them); iMAML runs them on a detached θ under ``torch.no_grad``
+and never keeps their history.
 
 **Adaptive steps** (``adaptive=True``): a network's Hessian changes by orders of magnitude
 across tasks and over meta-training, so no fixed step suits every G (too long a step makes GD
@@ -116,9 +117,8 @@ def run(solver: "_Solver", problem, phi0: Tensor, steps: Optional[int] = None,
     same start for every task; the state and the history [B, K] then stacked over tasks).
     ``sync``: the loop may ask the host whether every task has finished, and leave (only where
     the solver can finish early); pass False inside a ``torch.func`` transform, where every
-    step then runs. Where a tolerance or a report asks
-    for ‖∇G‖ at the returned φ and the iterations did not evaluate it, one more gradient does
-    (appended to the history)."""
+    step then runs. Where a tolerance or a report asks for ‖∇G‖ at the returned φ and the
+    iterations did not evaluate it, one more gradient does (appended to the history)."""
     steps = solver.steps if steps is None else steps
     init, step = solver.init, solver.step
     if solver.mapped and isinstance(problem, Batch):
