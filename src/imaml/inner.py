@@ -129,6 +129,8 @@ def run(solver: "_Solver", problem, phi0: Tensor, steps: Optional[int] = None,
         init = lambda pr, p: pr.map(solver.init, p, shared=shared)  # noqa: E731
         step = lambda pr, s, k, last: pr.map(  # noqa: E731
             lambda q, s: solver.step(q, s, k, last), s)
+    elif isinstance(problem, Batch) and phi0.dim() == 1:  # a solver that maps its own pieces
+        phi0 = phi0.expand(len(problem.ys), -1)
     s = init(problem, phi0)
     hist = [s.grad_norm] if solver.logs_start else []
     stoppable = sync and solver.stops
@@ -616,8 +618,6 @@ class NewtonCG(_Solver):
 
     def init(self, problem, phi0: Tensor) -> NewtonState:
         phi = phi0.detach()
-        if isinstance(problem, Batch) and phi.dim() == 1:
-            phi = phi.expand(len(problem.ys), -1)
         f, g, n, met = self._evaluate(problem, phi)
         count = torch.zeros(n.shape, dtype=torch.int64, device=phi.device)
         return NewtonState(phi, n, met, count, count, f, g, torch.zeros_like(met),
