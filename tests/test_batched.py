@@ -4,8 +4,9 @@ import torch
 
 from imaml import (FOMAML, IMAML, MAML, Adam, FunctionalModel, GradientDescent, Nesterov,
                    NewtonCG, Reptile, TruncatedMAML, conv4)
-from imaml.batched import batch_meta_gradient, supports_batching
+from imaml.batched import batch_meta_gradient
 from imaml.data.sampler import TaskBatch
+from imaml.inner import Batch, run
 
 
 def setup(B=4, seed=0):
@@ -17,6 +18,12 @@ def setup(B=4, seed=0):
                    torch.randn(B, 9, 1, 8, 8, generator=g, dtype=torch.float64),
                    torch.arange(3).repeat(3).expand(B, -1))
     return fm, fm.theta(), tb
+
+
+def inner_states(method, fm, theta, tb):
+    """The batch path's inner solves: one ``run`` on the batch's problems."""
+    problems = Batch(lambda x, y: method.support_problem(fm, theta, x, y), tb.x_support, tb.y_support)
+    return run(method.inner, problems, theta)
 
 
 METHODS = [
@@ -38,6 +45,14 @@ METHODS = [
     IMAML(inner=NewtonCG(steps=3, cg_iters=4), linear_solver="minres"),  # iMAML-HF
     IMAML(inner=NewtonCG(steps=3, cg_iters=4), curvature="ggn"),  # the GGN configs' HF
     IMAML(inner=NewtonCG(steps=6, cg_iters=3, tol=0.05, damping=1.0), linear_solver="minres"),
+    # every method batches, with every inner solver it accepts
+    MAML(inner=Nesterov(lr=0.1, momentum=0.5, steps=3)),
+    MAML(inner=GradientDescent(lr=0.5, steps=6, adaptive=True, tol=0.05)),
+    TruncatedMAML(inner=GradientDescent(lr=0.1, steps=4), truncate=2),
+    TruncatedMAML(inner=GradientDescent(lr=0.1, steps=3), truncate=0),
+    FOMAML(inner=NewtonCG(steps=3, cg_iters=4), lam=1.0),
+    FOMAML(inner=Nesterov(lr=0.1, momentum=0.5, steps=3)),
+    Reptile(inner=Nesterov(lr=0.5, steps=6, adaptive=True, tol=0.05)),
 ]
 
 
@@ -60,6 +75,8 @@ def test_batched_equals_loop(method):
     norms = [float("nan") if x.inner.grad_norm is None else x.inner.grad_norm for x in loop]
     if isinstance(method, IMAML) and method.inner.tol > 0:
         assert torch.allclose(r.inner_grad_norm, torch.tensor(norms, dtype=torch.float64), **close)
+    for x, steps in zip(loop, r.inner_steps.tolist()):
+        assert x.inner.steps == steps
     if isinstance(method, IMAML):
         assert r.negative_curvature.tolist() == [x.cg.negative_curvature for x in loop]
         rel = [x.cg.residual / x.cg.residual_norms[0] for x in loop]
@@ -95,25 +112,30 @@ def test_cg_masking_reports_negative_curvature():
     assert float((r.grads - ref).norm() / ref.norm()) < 1e-8
 
 
-def test_unbatchable_methods_say_so():
+def test_loop_path_equals_vmap_path():
+    """``vectorised=False`` (the trainer's batching 'loop') gives the same per-task figures."""
     fm, theta, tb = setup()
-    method = TruncatedMAML(inner=GradientDescent(steps=3), truncate=1)
-    assert not supports_batching(method)
-    with pytest.raises(ValueError, match="no batched path"):
-        batch_meta_gradient(method, fm, theta, tb)
+    for method in (METHODS[5], METHODS[8], METHODS[11]):  # iMAML, MAML, FOMAML
+        r, loop = (batch_meta_gradient(method, fm, theta, tb, vectorised=v) for v in (True, False))
+        for a, b in zip(r.__dict__.values(), loop.__dict__.values()):
+            assert (a is None) == (b is None)
+            if a is not None and a.is_floating_point():  # (norms: NaN where not evaluated)
+                a, b = a.nan_to_num(), b.nan_to_num()
+                assert float((a - b).norm()) <= 1e-9 * float(b.norm()), method
+            elif a is not None:
+                assert torch.equal(a, b), method
 
 
 def test_batched_newton_cg_equals_each_task_solve():
     """Each task of the vmapped Newton-CG keeps its own line search, damping and stopping: on
     tasks that stop at different steps, for different reasons, every count equals its solve."""
-    from imaml.batched import _inner_states
     fm, theta, tb = setup(B=5, seed=6)
     reasons = []
     for inner in (NewtonCG(steps=12, cg_iters=3, tol=0.4, damping=1.0),
                   NewtonCG(steps=12, cg_iters=3, tol=0.02, max_backtracks=2, warm_start=False)):
         method = IMAML(lam=2.0, inner=inner)
         loop = [inner.solve(method.problem(fm, theta, t), theta) for t in tb.tasks()]
-        s, _ = _inner_states(method, fm, theta, tb)
+        s, _ = inner_states(method, fm, theta, tb)
         assert torch.allclose(s.phi, torch.stack([r.phi for r in loop]), rtol=1e-9, atol=1e-12)
         assert s.converged.tolist() == [r.converged for r in loop]
         assert s.steps.tolist() == [r.steps for r in loop]
@@ -126,7 +148,7 @@ def test_batched_newton_cg_equals_each_task_solve():
 
 def test_per_parameter_lambda_batched_equals_loop():
     """A tensor λ (what learn_lam trains): the vmapped meta-gradients and ∂L_test/∂λ equal the
-    per-task path, which goes through the implicit layer's autograd backward."""
+    per-task path and the implicit layer's autograd backward (``implicit_solution``)."""
     fm, theta, tb = setup(B=3, seed=4)
     lam = 0.5 + torch.rand(theta.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
     method = IMAML(lam=lam, inner=GradientDescent(lr=0.3, steps=6, adaptive=True, tol=0.05),
@@ -137,15 +159,22 @@ def test_per_parameter_lambda_batched_equals_loop():
     ref = torch.stack([x.lam_grad for x in loop])
     assert ref.shape == r.lam_grads.shape == (3, theta.numel())
     assert float((r.lam_grads - ref).norm() / ref.norm()) < 1e-9
+    from imaml import implicit_solution
+    for i, t in enumerate(tb.tasks()):
+        th, la = theta.clone().requires_grad_(True), lam.clone().requires_grad_(True)
+        phi = implicit_solution(fm, th, la, t.x_support, t.y_support, method.inner,
+                                linear_solver="minres", max_iter=6)
+        gt, gl = torch.autograd.grad(fm.loss(phi, t.x_query, t.y_query), (th, la))
+        assert float((gt - r.grads[i]).norm() / gt.norm()) < 1e-9
+        assert float((gl - r.lam_grads[i]).norm() / gl.norm()) < 1e-9
 
 
 def test_batched_adaptive_solve_leaves_once_every_task_has_converged():
-    from imaml.batched import _inner_states
     fm, theta, tb = setup(B=4, seed=5)
     # (a ReLU network on random images: ‖∇G‖ stalls near its kinks, so a loose δ)
     method = IMAML(inner=GradientDescent(lr=0.3, steps=200, adaptive=True, tol=0.5,
                                          step_rule="bb"), linear_solver="minres")
-    states, history = _inner_states(method, fm, theta, tb)
+    states, history = inner_states(method, fm, theta, tb)
     loop = [method.inner.solve(method.problem(fm, theta, t), theta) for t in tb.tasks()]
     assert all(r.converged for r in loop) and bool(states.converged.all())
     # the batch stopped at the slowest task's last iteration, not at the step cap of 200
@@ -190,10 +219,9 @@ def test_batched_accuracy_is_none_where_the_loop_has_none():
 def test_batched_fixed_step_solve_leaves_once_every_task_has_converged():
     """Fixed steps with a tolerance: the batch's ``run`` ends at the slowest task's last step,
     not at the step cap, and every task's φ, steps and ‖∇G‖ history equal its own solve."""
-    from imaml.batched import _inner_states
     fm, theta, tb = setup(B=4, seed=5)
     method = IMAML(inner=GradientDescent(lr=0.1, steps=300, tol=0.5))
-    states, history = _inner_states(method, fm, theta, tb)
+    states, history = inner_states(method, fm, theta, tb)
     loop = [method.inner.solve(method.problem(fm, theta, t), theta) for t in tb.tasks()]
     assert all(r.converged for r in loop) and bool(states.converged.all())
     assert len({r.steps for r in loop}) > 1

@@ -1,14 +1,14 @@
-"""Meta-gradients of a whole batch of tasks at once with ``torch.func.vmap``.
+"""Meta-gradients of a whole batch of tasks: ``vmap`` of each method's one per-task computation
+(``terms``), or a loop over it.
 
-Nothing is re-implemented here: the inner solves are ``imaml.inner.run`` on a ``Batch`` of
-the tasks' problems (each solver's ``step`` vmapped over the tasks, one iteration at a time, so
-the batch leaves its loop as soon as every task has finished; a finished task is frozen by
-masking meanwhile), and the linear solvers (``cg_state``, ``minres_state``) are the same code
-the per-task path runs, called with ``early_stop=False``: under ``vmap`` control flow cannot
-depend on data, so every system runs the same number of iterations. The results equal the
-per-task loop up to floating-point summation order (tested in float64). Newton-CG (iMAML-HF)
-maps the pieces of its iteration: each task backtracks along its own direction until every
-task of the batch has accepted a step.
+Nothing is re-implemented here: the inner solves are ``imaml.inner.run`` on a ``Batch`` of the
+tasks' problems (each solver's ``step`` vmapped over the tasks, one iteration at a time, so the
+batch leaves its loop as soon as every task has finished; a finished task is frozen by masking
+meanwhile), then the method's ``terms`` is vmapped over the tasks with their solved states; a
+method that differentiates through its inner solve (MAML, ``unrolls``) has its whole ``terms``
+vmapped. Under ``vmap`` control flow cannot depend on data, so every linear system runs the same
+number of iterations (masked once solved). The results equal the per-task loop up to
+floating-point summation order (tested in float64).
 """
 from __future__ import annotations
 
@@ -17,13 +17,12 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.func import grad_and_value, vmap
+from torch.func import vmap
+from torch.utils._pytree import tree_map
 
-from .functional import FunctionalModel, check_finite, curvature_product
-from .implicit import adjoint_solve
-from .inner import Adam, Batch, GradientDescent, Nesterov, NewtonCG, run
-from .linear import LINEAR_SOLVERS, NegativeCurvatureError
-from .meta import FOMAML, IMAML, MAML, Reptile
+from .functional import FunctionalModel, check_finite
+from .inner import Batch, run
+from .meta import TaskTerms
 
 
 @dataclass
@@ -42,99 +41,46 @@ class BatchMetaGradient:
     negative_curvature: Optional[Tensor] = None
     lam_grads: Optional[Tensor] = None  # iMAML with one λ per parameter: ∂L_test/∂λ [B, P]
     inner_moments: Optional[Tensor] = None  # an Adam inner solver that carries them: [B, 2, P]
+    inner_steps: Optional[Tensor] = None  # the inner solve's steps [B]
 
     @property
     def grad(self) -> Tensor:
         return self.grads.mean(0)
 
 
-def supports_batching(method) -> bool:
-    inner = getattr(method, "inner", None)
-    if isinstance(method, (FOMAML, Reptile)):
-        return isinstance(inner, (GradientDescent, Nesterov, Adam))
-    if isinstance(method, IMAML):
-        return isinstance(inner, (GradientDescent, Nesterov, NewtonCG))
-    if isinstance(method, MAML):
-        return isinstance(inner, GradientDescent)
-    return False
+def _stack(terms) -> TaskTerms:
+    """Per-task ``TaskTerms`` stacked as ``vmap`` stacks them (the linear solve's own state left
+    out: its history's length depends on where each solve stopped)."""
+    terms = [t._replace(linear={k: v for k, v in t.linear.items() if k != "solve"}) for t in terms]
+    return tree_map(lambda *x: torch.stack(x), *terms)
 
 
-def _inner_states(method, model: FunctionalModel, theta: Tensor, batch):
-    """(the inner solver's final state, stacked over the tasks of ``batch``, and the ‖∇G‖
-    history [B, K]): one ``inner.run`` on the batch's problems, which leaves its loop as soon as
-    every task has finished (a finished task is frozen by masking meanwhile, so each result
-    equals its own solve)."""
-    problems = Batch(lambda x, y: method.support_problem(model, theta, x, y),
-                     batch.x_support, batch.y_support)
-    return run(method.inner, problems, theta)
-
-
-def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch) -> BatchMetaGradient:
-    """Task meta-gradients of every task of ``batch`` (a ``TaskBatch``) in one vmapped call."""
-    if not supports_batching(method):
-        raise ValueError(f"{type(method).__name__} with {type(method.inner).__name__} has no "
-                         "batched path; use the per-task loop")
+def batch_meta_gradient(method, model: FunctionalModel, theta: Tensor, batch,
+                        vectorised: bool = True) -> BatchMetaGradient:
+    """Task meta-gradients of every task of ``batch`` (a ``TaskBatch``): in one vmapped call, or
+    (``vectorised=False``) task by task, each task's solves then leaving as soon as they are
+    done."""
     theta = theta.detach()
-    classify = batch.y_query.dtype in (torch.int64, torch.int32)
-    lam = method.lam
-    per_parameter = isinstance(method, IMAML) and isinstance(lam, Tensor)
-
-    def query(p, xq, yq):
-        logits = model.forward(p, xq)
-        loss = model.loss_fn(logits, yq)
-        # accuracy where ``accuracy_of`` defines it (integer labels, class scores [n, classes]),
-        # NaN elsewhere and then reported as None
-        if classify and logits.dim() == 2:
-            return loss, (logits.argmax(-1) == yq).float().mean()
-        return loss, loss * float("nan")
-
-    def inner_solve(xs, ys, th):
-        return run(method.inner, method.support_problem(model, th, xs, ys), th, sync=False)[0]
-
-    def per_task(xs, ys, xq, yq, s=None):
-        if isinstance(method, MAML):
-            def outer(th):
-                s = inner_solve(xs, ys, th)
-                loss, acc = query(s.phi, xq, yq)
-                return loss, (acc, s.grad_norm.detach(), s.converged)
-            g, (loss, (acc, gn, conv)) = grad_and_value(outer, has_aux=True)(theta)
-            return g, loss, acc, gn, conv, loss * 0, conv & False, loss * 0
-        phi = s.phi
-        if isinstance(method, Reptile):
-            loss, acc = query(phi, xq, yq)
-            return (theta - phi, loss, acc, s.grad_norm, s.converged, loss * 0,
-                    s.converged & False, loss * 0)
-        v, (loss, acc) = grad_and_value(lambda p: query(p, xq, yq), has_aux=True)(phi)
-        if isinstance(method, FOMAML):
-            return v, loss, acc, s.grad_norm, s.converged, loss * 0, s.converged & False, loss * 0
-        curv = curvature_product(model, xs, ys, phi, method.curvature, method.hvp_mode)
-        solve = lambda A, b: LINEAR_SOLVERS[method.linear_solver](  # noqa: E731
-            A, b, max_iter=method.cg_max_iter, rtol=method.cg_rtol, atol=method.cg_atol,
-            early_stop=False)
-        g, w, lin = adjoint_solve(curv, v, lam, model.adapt_mask, solve)
-        rel = lin.residual / lin.history[0].clamp_min(torch.finfo(v.dtype).tiny)  # ‖r₀‖ = ‖b‖
-        lam_grad = -(phi - theta) * w if per_parameter else loss * 0
-        return g, loss, acc, s.grad_norm, s.converged, rel, lin.negative_curvature, lam_grad
-
     data = (batch.x_support, batch.y_support, batch.x_query, batch.y_query)
-    moments = None
-    if isinstance(method, MAML):
-        with torch.enable_grad():
-            grads, loss, acc, gn, conv, res, neg, lam_grads = vmap(per_task)(*data)
-    else:
-        with torch.no_grad():
-            states, _ = _inner_states(method, model, theta, batch)
-            moments = method.inner.moments(states)
-            grads, loss, acc, gn, conv, res, neg, lam_grads = vmap(per_task)(*data, states)
-    check_finite(loss, "query loss")
-    check_finite(grads, "task meta-gradients")
-    is_imaml = isinstance(method, IMAML)
-    if (is_imaml and method.linear_solver == "cg" and method.on_negative_curvature == "raise"
-            and bool(neg.any())):
-        raise NegativeCurvatureError(f"CG met negative curvature on {int(neg.sum())} of "
-                                     f"{len(neg)} tasks of the batch")
-    classify = classify and not bool(torch.isnan(acc).any())
-    return BatchMetaGradient(grads.detach(), loss.detach(), acc.detach() if classify else None,
-                             gn.detach(), conv, res if is_imaml else None,
-                             neg if is_imaml else None, lam_grads if per_parameter else None,
-                             moments)
+    with torch.enable_grad() if method.unrolls else torch.no_grad():
+        if not vectorised:
+            t = _stack([method.terms(model, theta, task.x_support, task.y_support, task.x_query,
+                                     task.y_query)[0] for task in batch.tasks()])
+        elif method.unrolls:
+            t = vmap(lambda *d: method.terms(model, theta, *d, sync=False)[0])(*data)
+        else:
+            problems = Batch(lambda x, y: method.support_problem(model, theta, x, y),
+                             batch.x_support, batch.y_support)
+            inner = run(method.inner, problems, theta)
+            t = vmap(lambda *d: method.terms(model, theta, *d[:4], inner=d[4:], sync=False)[0])(
+                *data, *inner)
+    check_finite(t.loss, "query loss")
+    check_finite(t.grad, "task meta-gradients")
+    method.check(t)
+    lam_grad = t.linear.get("lam_grad")
+    acc = t.accuracy.detach()
+    return BatchMetaGradient(
+        t.grad.detach(), t.loss.detach(), None if bool(torch.isnan(acc).any()) else acc,
+        t.inner.grad_norm.detach(), t.inner.converged, t.linear.get("residual"),
+        t.linear.get("negative_curvature"), lam_grad if lam_grad is not None and lam_grad.dim() > 1
+        else None, method.inner.moments(t.inner), t.inner.steps)

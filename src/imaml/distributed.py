@@ -20,9 +20,8 @@ from typing import Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .batched import batch_meta_gradient, supports_batching
+from .batched import batch_meta_gradient
 from .functional import FunctionalModel
-from .outer import task_meta_gradients
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -99,16 +98,6 @@ STATS = ("loss", "accuracy", "tasks", "inner_grad_norm", "inner_evaluated", "inn
          "cg_residual", "cg_tasks", "negative_curvature")
 
 
-def _loop_stats(results) -> list:
-    """The STATS sums of a list of MetaGradient."""
-    norms = [r.inner.grad_norm for r in results if r.inner.grad_norm is not None]
-    cgs = [r.cg for r in results if r.cg is not None]
-    return [sum(r.query_loss for r in results), sum(r.query_accuracy or 0.0 for r in results),
-            len(results), sum(norms), len(norms), sum(r.inner.converged for r in results),
-            sum(c.residual / c.residual_norms[0] if c.residual_norms[0] > 0 else 0.0 for c in cgs),
-            len(cgs), sum(c.negative_curvature for c in cgs)]
-
-
 def _batch_stats(r) -> list:
     """The STATS sums of a BatchMetaGradient."""
     n = len(r.query_loss)
@@ -141,17 +130,10 @@ def local_sums(method, model: FunctionalModel, theta: torch.Tensor, batch, batch
         return (torch.zeros(p, dtype=theta.dtype, device=theta.device),
                 torch.zeros(len(STATS), dtype=torch.float64, device=theta.device))
     batch = batch.to(theta.device)  # tasks are sampled on the CPU and moved once
-    if batched and supports_batching(method):
-        r = batch_meta_gradient(method, model, theta, batch)
-        g, stats = r.grads.sum(0), _batch_stats(r)
-        lam_grad = r.lam_grads.sum(0) if r.lam_grads is not None else None
-        moments = r.inner_moments.sum(0) if r.inner_moments is not None else None
-    else:
-        g, results = task_meta_gradients(method, model, theta, batch.tasks())
-        stats = _loop_stats(results)
-        lam_grad = torch.stack([r.lam_grad for r in results]).sum(0) if learns_lam(method) else None
-        moments = (torch.stack([r.inner.moments for r in results]).sum(0)
-                   if carries_moments(method) else None)
+    r = batch_meta_gradient(method, model, theta, batch, vectorised=batched)
+    g, stats = r.grads.sum(0), _batch_stats(r)
+    lam_grad = r.lam_grads.sum(0) if r.lam_grads is not None else None
+    moments = r.inner_moments.sum(0) if r.inner_moments is not None else None
     if lam_grad is not None:
         g = torch.cat([g, lam_grad])
     if moments is not None:

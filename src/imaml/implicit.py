@@ -10,8 +10,8 @@ implicit function theorem gives, with H = ∇²L̂(φ*),
 
 So for an upstream gradient v = ∂ℓ/∂φ, with w = (H + Λ)⁻¹ v: ∂ℓ/∂θ = Λ w and
 ∂ℓ/∂λᵢ = −(φ*ᵢ − θᵢ) wᵢ (summed over a layer for per-layer λ, over all for a scalar λ).
-For a scalar λ, Λ w = (I + H/λ)⁻¹ v is exactly iMAML's task meta-gradient (Algorithm 2), and
-``IMAML.meta_gradient`` is computed by this layer.
+For a scalar λ, Λ w = (I + H/λ)⁻¹ v is exactly iMAML's task meta-gradient (Algorithm 2), which
+``IMAML`` computes with the same ``adjoint_solve``, without autograd's backward.
 
 **Adapting part of the network** (``FunctionalModel(adapt=...)``, ANIL): with the adapted
 coordinates h and the meta-only ones b held at θ_b, the inner problem is over φ_h alone and

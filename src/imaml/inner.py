@@ -21,22 +21,9 @@ differentiable arithmetic: run on a θ that requires grad, they can be unrolled 
 is how the MAML baselines reuse them); iMAML runs them on a detached θ under ``torch.no_grad``
 and never keeps their history.
 
-**Adaptive steps** (``adaptive=True``): a network's Hessian changes by orders of magnitude
-across tasks and over meta-training, so no fixed step suits every G (too long a step makes GD
-oscillate, and ‖∇G‖ then stalls or grows). With ``adaptive`` the step ``lr`` is only the first
-trial: a trial step t that does not decrease G by at least (t/2)‖∇G‖² (Armijo's condition with
-constant ½, which holds for any t ≤ 1/L on an L-smooth G) is rejected and t halved; an accepted
-step lets the next trial grow by ``grow``. Every iteration costs one gradient (GD) or one
-gradient and one objective value (Nesterov), rejected or not, so the step cap is a cost cap;
-no iteration depends on data through Python control flow, so it batches under vmap.
-
-**Barzilai–Borwein steps** (gradient descent, ``step_rule='bb'``): after an accepted step s with
-gradient change y, the next trial step is s·s / s·y (the inverse of G's curvature along s; at
-most 10x longer or shorter than the last, 10x longer where s·y ≤ 0), and a trial is accepted
-when it decreases G below the largest of the last ``memory`` accepted values by the Armijo
-margin (the non-monotone test of Grippo et al. 1986, Raydan 1997). On a trained Omniglot
-Conv-4 the growth rule spent 6 of 16 steps halving 0.1 at θ (‖∇G‖ ≈ 35 there) and then grew
-the step by 1.1 per step; BB adapts in one step (RESULTS.md, iMAML-GD row).
+Step rules (fixed, adaptive with Armijo's test, Barzilai–Borwein with a non-monotone test),
+Nesterov's restart and Newton-CG's damping are described in each class, and with why and what was
+measured in the documentation's inner-solver page (docs/solvers.md).
 """
 from __future__ import annotations
 
@@ -223,7 +210,10 @@ class _Solver:
     def solve(self, problem: ProximalProblem, phi0: Tensor, steps: Optional[int] = None
               ) -> InnerResult:
         """Solve one task's inner problem from φ₀ (usually θ)."""
-        s, history = run(self, problem, phi0, steps)
+        return self.result(*run(self, problem, phi0, steps))
+
+    def result(self, s, history: Tensor) -> InnerResult:
+        """The ``InnerResult`` of one task's final state and history (``run``)."""
         hist = history.tolist()  # one host synchronisation for the whole solve
         if not all(h < float("inf") for h in hist):
             raise NonFiniteError(f"inner gradient is not finite (‖∇G‖ = {hist[:4]}...); "
@@ -292,10 +282,14 @@ class GDState(NamedTuple):
 
 @dataclass
 class GradientDescent(_FirstOrder):
-    """φ ← φ − lr ∇G(φ), from φ₀ = θ; with ``adaptive``, lr is adapted per task by accepting or
-    rejecting each trial step (module docstring). ``step_rule`` (adaptive only): 'grow' (an
-    accepted step lets the next grow by ``grow``) or 'bb' (Barzilai–Borwein steps with a
-    non-monotone test over the last ``memory`` values of G; module docstring)."""
+    """φ ← φ − lr ∇G(φ), from φ₀ = θ. With ``adaptive``, lr is only the first trial step t of
+    each task: a trial that does not decrease G by (t/2)‖∇G‖² (Armijo's test with constant ½,
+    met by any t ≤ 1/L on an L-smooth G) is rejected and t halved; every iteration costs one
+    gradient, accepted or not. ``step_rule`` (adaptive only): 'grow' (an accepted step lets
+    the next grow by ``grow``) or 'bb' (Barzilai–Borwein: after an accepted step s with
+    gradient change y the next trial is s·s/s·y, within 10x of the last, 10x longer where
+    s·y ≤ 0, accepted against the largest of the last ``memory`` accepted values of G: the
+    non-monotone test of Grippo et al. 1986 and Raydan 1997)."""
 
     step_rule: str = "grow"
     memory: int = 5
@@ -384,7 +378,7 @@ class Nesterov(_FirstOrder):
 
     For an L-smooth, λ-strongly-convex G, lr = 1/L and μ = (√κ − 1)/(√κ + 1) with κ = L/λ
     give the √κ log(1/δ) rate of the paper's Table 1. With ``adaptive``, each trial step from y
-    is accepted or rejected as in the module docstring (a rejection halves lr and drops the
+    is accepted or rejected as in GradientDescent (a rejection halves lr and drops the
     momentum), and the momentum restarts whenever an accepted step raises G (the function-value
     restart of O'Donoghue & Candès 2015), which keeps the √κ rate without knowing κ.
     """

@@ -195,15 +195,19 @@ def minres_state(matvec: Matvec, b: Tensor, x0: Optional[Tensor] = None, max_ite
     return SolveState(x, phibar, matvecs, neg, breakdown, torch.stack(hist))
 
 
-def _result(state: SolveState, b: Tensor, rtol: float, atol: float, solver: str) -> CGResult:
+def solve_result(state: SolveState, solver: str, rtol: float = 0.0, atol: float = 0.0,
+                 b_norm: Optional[float] = None) -> CGResult:
+    """A ``CGResult`` of one system's ``SolveState`` (``rtol``/``atol`` as it was solved;
+    ``b_norm``: ‖b‖, by default its first residual, as it is from x0 = 0)."""
     iters = int(state.iterations)
     hist = state.history.tolist()
     # the history repeats its last value once frozen; the matvec that found a breakdown (or,
     # in CG, negative curvature) updated nothing: keep the accepted updates
     rejected_last = bool(state.breakdown) or (solver == "cg" and bool(state.negative_curvature))
     hist = hist[:max(iters - rejected_last, 0) + 1]
+    thr = max(rtol * (hist[0] if b_norm is None else b_norm), atol)
     return CGResult(x=state.x, residual_norms=hist, iterations=iters,
-                    converged=bool(state.residual <= _threshold(b, rtol, atol)),
+                    converged=bool(state.residual <= thr),
                     negative_curvature=bool(state.negative_curvature),
                     breakdown=bool(state.breakdown), solver=solver)
 
@@ -221,7 +225,8 @@ def conjugate_gradient(matvec: Matvec, b: Tensor, x0: Optional[Tensor] = None,
     if on_negative_curvature not in CG_POLICIES:
         raise ValueError(f"on_negative_curvature must be one of {CG_POLICIES}, "
                          f"got {on_negative_curvature!r}")
-    res = _result(cg_state(matvec, b, x0, max_iter, rtol, atol), b, rtol, atol, "cg")
+    res = solve_result(cg_state(matvec, b, x0, max_iter, rtol, atol), "cg", rtol, atol,
+                       float(torch.linalg.vector_norm(b)))
     if res.negative_curvature and on_negative_curvature == "raise":
         raise NegativeCurvatureError(
             f"CG met negative curvature after {res.iterations} matvecs: the system is not "
@@ -238,7 +243,8 @@ def minres(matvec: Matvec, b: Tensor, x0: Optional[Tensor] = None, max_iter: int
     when ‖r‖ ≤ max(rtol‖b‖, atol), after ``max_iter`` matvecs, or on breakdown.
     """
     _check(b, x0, max_iter, rtol, atol)
-    return _result(minres_state(matvec, b, x0, max_iter, rtol, atol), b, rtol, atol, "minres")
+    return solve_result(minres_state(matvec, b, x0, max_iter, rtol, atol), "minres", rtol, atol,
+                        float(torch.linalg.vector_norm(b)))
 
 
 LINEAR_SOLVERS = {"cg": cg_state, "minres": minres_state}

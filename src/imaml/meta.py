@@ -16,20 +16,23 @@ plain support loss L̂ (the standard MAML/FOMAML/Reptile inner loop).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.func import grad_and_value
+from torch.utils._pytree import tree_map
 
 from . import checks
 from .functional import (DEFAULT_HVP, FunctionalModel, ProximalProblem, check_finite,
-                         curvature_product, inner_problem)
-from .implicit import implicit_solution
-from .inner import Adam, GradientDescent, InnerResult, Nesterov, NewtonCG
+                         _no_transform, curvature_product, inner_problem)
+from .implicit import adjoint_solve
+from .inner import Adam, GradientDescent, InnerResult, Nesterov, NewtonCG, run
 from .tasks import Task
-from .linear import CG_POLICIES, LINEAR_SOLVERS, CGResult
+from .linear import (CG_POLICIES, LINEAR_SOLVERS, CGResult, NegativeCurvatureError,
+                     solve_result)
 
 InnerSolver = Union[GradientDescent, Nesterov, NewtonCG, Adam]
 
@@ -93,10 +96,61 @@ def _check_inner(inner) -> None:
                     "Adam(...); not a torch optimizer)")
 
 
+class TaskTerms(NamedTuple):
+    """One task's meta-gradient and what was measured on the way, as tensors (stacked over the
+    tasks on the batch path, ``imaml.batched``).
+
+    Attributes:
+        grad: the task meta-gradient (flat, θ's layout).
+        loss: L_test at the adapted parameters.
+        accuracy: fraction of query labels predicted right; NaN where not defined (``accuracy_of``).
+        inner: the inner solver's final state (``imaml.inner``: ``phi``, ``grad_norm``,
+            ``converged``, ``steps``, ...).
+        linear: iMAML: ``solve`` (the linear solver's ``SolveState``), ``residual`` (its final
+            residual relative to ‖b‖), ``negative_curvature`` and ``lam_grad`` (∂L_test/∂λ, a
+            number for a scalar λ, per parameter for a tensor λ); empty for the other methods.
+    """
+
+    grad: Tensor
+    loss: Tensor
+    accuracy: Tensor
+    inner: NamedTuple
+    linear: dict
+
+
+def _query(model: FunctionalModel, phi: Tensor, xq, yq: Tensor):
+    """(L_test(φ), accuracy): accuracy where ``accuracy_of`` defines it, NaN elsewhere."""
+    logits = model.forward(phi, xq)
+    loss = model.loss_fn(logits, yq)
+    if yq.dtype in (torch.int64, torch.int32) and logits.dim() == 2:
+        return loss, (logits.argmax(-1) == yq).float().mean()
+    return loss, loss.detach() * math.nan
+
+
+def _grad_and_aux(f, x: Tensor):
+    """(∇f(x), f(x), aux) for ``f(x) -> (scalar, aux)``: by plain autograd where no function
+    transform is active (it skips functorch's per-operation wrapping:
+    benchmarks/maml_autograd.py), by ``torch.func`` under ``vmap``."""
+    if not _no_transform():
+        g, (value, aux) = grad_and_value(f, has_aux=True)(x)
+        return g, value, aux
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value, aux = f(leaf)
+        (g,) = torch.autograd.grad(value, leaf)
+    return g, value.detach(), tree_map(lambda t: t.detach(), aux)
+
+
 class _Method:
+    """What every method shares: the inner problem, the inner solve, and ``terms``, the one
+    per-task computation that ``meta_gradient`` (one task) and ``imaml.batched`` (a loop over
+    tasks, or ``vmap`` of it) both run. A method overrides ``_outer`` (what it makes of the
+    solved inner problem) or, when it differentiates through the solve (``unrolls``), ``terms``."""
+
     inner: InnerSolver
     lam: float
     curvature: str = "hessian"
+    unrolls = False  # the inner solve is part of what is differentiated (MAML)
 
     def problem(self, model: FunctionalModel, theta: Tensor, task: Task) -> ProximalProblem:
         return self.support_problem(model, theta, task.x_support, task.y_support)
@@ -125,15 +179,40 @@ class _Method:
         FunctionalModel(clone, loss_fn).load_(phi)
         return clone
 
-    def _query(self, model: FunctionalModel, phi: Tensor, task: Task):
-        """(∇L_test(φ), L_test(φ), accuracy) at a detached φ, in one forward/backward."""
-        def f(p):
-            logits = model.forward(p, task.x_query)
-            return model.loss_fn(logits, task.y_query), logits
+    def terms(self, model: FunctionalModel, theta: Tensor, xs, ys: Tensor, xq, yq: Tensor,
+              inner=None, sync: bool = True) -> Tuple[TaskTerms, Tensor]:
+        """(this task's ``TaskTerms``, the inner solve's history of ‖∇G‖) at a detached θ.
 
-        g, (loss, logits) = grad_and_value(f, has_aux=True)(phi.detach())
-        check_finite(loss, "query loss")
-        return g, float(loss), accuracy_of(logits, task.y_query)
+        ``inner``: the inner solve's (final state, history) when it was run already (the batch
+        path solves every task's inner problem together); ``sync``: whether the solves may ask
+        the host when to stop (False under ``vmap``, where every iteration then runs)."""
+        if inner is None:
+            with torch.no_grad():
+                inner = run(self.inner, self.support_problem(model, theta, xs, ys), theta,
+                            sync=sync)
+        return self._outer(model, theta, inner[0], xs, ys, xq, yq, sync), inner[1]
+
+    def _outer(self, model, theta, s, xs, ys, xq, yq, sync) -> TaskTerms:
+        raise NotImplementedError
+
+    def check(self, t: TaskTerms) -> None:
+        """Raise where a result must not be used (iMAML's CG policy 'raise')."""
+
+    def meta_gradient(self, model: FunctionalModel, theta, task: Task) -> MetaGradient:
+        """The task meta-gradient at θ (flat, or a name -> tensor dict) and its diagnostics."""
+        theta = flat_theta(model, theta, task).detach()
+        t, history = self.terms(model, theta, task.x_support, task.y_support, task.x_query,
+                                task.y_query)
+        inner = self.inner.result(t.inner, history)  # (raises on a non-finite inner gradient)
+        check_finite(t.loss, "query loss")
+        self.check(t)
+        acc = float(t.accuracy)
+        solve = t.linear.get("solve")
+        return MetaGradient(t.grad.detach(), float(t.loss), None if acc != acc else acc,
+                            inner.phi, inner,
+                            None if solve is None else solve_result(
+                                solve, self.linear_solver, self.cg_rtol, self.cg_atol),
+                            t.linear.get("lam_grad"))
 
 
 @dataclass
@@ -204,27 +283,30 @@ class IMAML(_Method):
         """v -> H v (or G v) of the support loss at φ."""
         return curvature_product(model, x, y, phi, self.curvature, self.hvp_mode)
 
-    def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
-        """The task meta-gradient, through the implicit layer (``imaml.implicit_solution``): φ
-        from the inner solver, the query loss at φ, and its gradient with respect to θ by the
-        layer's linear solve (I + H/λ) g = ∇L_test(φ)."""
-        theta = flat_theta(model, theta, task).detach().requires_grad_(True)
-        lam = torch.as_tensor(self.lam, dtype=theta.dtype, device=theta.device)
-        lam = lam.detach().clone().requires_grad_(True)
-        record = {}
-        with torch.enable_grad():
-            phi = implicit_solution(
-                model, theta, lam, task.x_support, task.y_support, self.inner,
-                linear_solver=self.linear_solver, max_iter=self.cg_max_iter, rtol=self.cg_rtol,
-                atol=self.cg_atol, curvature=self.curvature, hvp_mode=self.hvp_mode,
-                on_negative_curvature=self.on_negative_curvature, record=record)
-            logits = model.forward(phi, task.x_query)
-            loss = model.loss_fn(logits, task.y_query)
-            check_finite(loss, "query loss")
-            g, lam_grad = torch.autograd.grad(loss, (theta, lam))
-        return MetaGradient(g.detach(), float(loss.detach()),
-                            accuracy_of(logits.detach(), task.y_query), phi.detach(),
-                            record["inner"], record["linear"], lam_grad.detach())
+    def _outer(self, model, theta, s, xs, ys, xq, yq, sync) -> TaskTerms:
+        """Algorithm 2 at the solved φ: g = (I + H/λ)⁻¹ ∇L_test(φ) by the linear solver (the
+        adjoint of ``imaml.implicit``, which also gives ∂L_test/∂λ)."""
+        phi = s.phi
+        v, loss, acc = _grad_and_aux(lambda p: _query(model, p, xq, yq), phi)
+        curv = self.curvature_product(model, xs, ys, phi)
+        solve = lambda A, b: LINEAR_SOLVERS[self.linear_solver](  # noqa: E731
+            A, b, max_iter=self.cg_max_iter, rtol=self.cg_rtol, atol=self.cg_atol,
+            early_stop=sync)
+        g, w, lin = adjoint_solve(curv, v, self.lam, model.adapt_mask, solve)
+        lam_grad = -(phi - theta) * w
+        rel = lin.residual / lin.history[0].clamp_min(torch.finfo(v.dtype).tiny)  # ‖r₀‖ = ‖b‖
+        return TaskTerms(g, loss, acc, s, {
+            "solve": lin, "residual": rel, "negative_curvature": lin.negative_curvature,
+            "lam_grad": lam_grad if isinstance(self.lam, Tensor) else lam_grad.sum()})
+
+    def check(self, t: TaskTerms) -> None:
+        neg = t.linear["negative_curvature"]
+        if self.linear_solver == "cg" and self.on_negative_curvature == "raise" and bool(neg.any()):
+            raise NegativeCurvatureError(
+                f"CG met negative curvature on {int(neg.sum())} of {neg.numel()} task(s): the "
+                "system is not positive definite (the inner problem is not at a minimum of G); "
+                "use minres, the Gauss-Newton curvature, a larger lam or a better-solved inner "
+                "problem")
 
 
 @dataclass
@@ -235,26 +317,29 @@ class MAML(_Baseline):
     Memory grows linearly with the number of inner steps.
     """
 
+    unrolls = True
+
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.inner, (GradientDescent, Nesterov)):
             raise ValueError("MAML back-propagates through GradientDescent or Nesterov only")
 
-    def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
-        theta = flat_theta(model, theta, task).detach().requires_grad_(True)
-        with torch.enable_grad():
-            inner = self.inner.solve(self.problem(model, theta, task), theta)
-            logits = model.forward(inner.phi, task.x_query)
-            loss = model.loss_fn(logits, task.y_query)
-            check_finite(loss, "query loss")
-            (g,) = torch.autograd.grad(loss, theta)
-        inner.phi = inner.phi.detach()
-        return MetaGradient(g, float(loss.detach()), accuracy_of(logits.detach(), task.y_query),
-                            inner.phi, inner)
+    def _unrolled(self, model, theta, xs, ys, sync):
+        """The inner solve from θ as a differentiable function of θ: (state, history)."""
+        return run(self.inner, self.support_problem(model, theta, xs, ys), theta, sync=sync)
+
+    def terms(self, model, theta, xs, ys, xq, yq, inner=None, sync=True):
+        def outer(th):
+            s, history = self._unrolled(model, th, xs, ys, sync)
+            loss, acc = _query(model, s.phi, xq, yq)
+            return loss, (acc, tree_map(lambda t: t.detach(), (s, history)))
+
+        g, loss, (acc, (s, history)) = _grad_and_aux(outer, theta)
+        return TaskTerms(g, loss, acc, s, {}), history
 
 
 @dataclass
-class TruncatedMAML(_Baseline):
+class TruncatedMAML(MAML):
     """Back-prop through the last ``truncate`` of the inner GD steps only."""
 
     truncate: int = 5
@@ -267,48 +352,32 @@ class TruncatedMAML(_Baseline):
             raise ValueError(f"truncate must be in [0, inner.steps={self.inner.steps}], "
                              f"got {self.truncate}")
 
-    def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
-        theta = flat_theta(model, theta, task).detach().requires_grad_(True)
-        problem = self.problem(model, theta, task)
+    def _unrolled(self, model, theta, xs, ys, sync):
         head = self.inner.steps - self.truncate
+        th = theta.detach()
         with torch.no_grad():
-            first = self.inner.solve(self.problem(model, theta.detach(), task),
-                                     theta.detach(), steps=head)
-        with torch.enable_grad():
-            # Straight-through: φ_{K-T} = θ + const, so dφ_{K-T}/dθ = I.
-            start = theta + (first.phi - theta).detach()
-            inner = self.inner.solve(problem, start, steps=self.truncate)
-            logits = model.forward(inner.phi, task.x_query)
-            loss = model.loss_fn(logits, task.y_query)
-            check_finite(loss, "query loss")
-            (g,) = torch.autograd.grad(loss, theta)
-        inner.steps += first.steps
-        inner.grad_norms = first.grad_norms + inner.grad_norms
-        inner.phi = inner.phi.detach()
-        return MetaGradient(g, float(loss.detach()), accuracy_of(logits.detach(), task.y_query),
-                            inner.phi, inner)
+            first, h1 = run(self.inner, self.support_problem(model, th, xs, ys), th, head, sync)
+        # straight-through: φ_{K-T} = θ + const, so dφ_{K-T}/dθ = I
+        start = theta + (first.phi - theta).detach()
+        s, h2 = run(self.inner, self.support_problem(model, theta, xs, ys), start,
+                    self.truncate, sync)
+        return s._replace(steps=s.steps + first.steps), torch.cat([h1, h2], -1)
 
 
 @dataclass
 class FOMAML(_Baseline):
     """First-order MAML: the query gradient at the adapted parameters."""
 
-    def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
-        inner = self.adapt(model, flat_theta(model, theta, task), task.x_support, task.y_support)
-        g, loss, acc = self._query(model, inner.phi, task)
-        return MetaGradient(g, loss, acc, inner.phi.detach(), inner)
+    def _outer(self, model, theta, s, xs, ys, xq, yq, sync) -> TaskTerms:
+        g, loss, acc = _grad_and_aux(lambda p: _query(model, p, xq, yq), s.phi)
+        return TaskTerms(g, loss, acc, s, {})
 
 
 @dataclass
 class Reptile(_Baseline):
     """Reptile: g = θ − φ_K after inner steps on the support set."""
 
-    def meta_gradient(self, model: FunctionalModel, theta: Tensor, task: Task) -> MetaGradient:
-        theta = flat_theta(model, theta, task)
-        inner = self.adapt(model, theta, task.x_support, task.y_support)
+    def _outer(self, model, theta, s, xs, ys, xq, yq, sync) -> TaskTerms:
         with torch.no_grad():
-            logits = model.forward(inner.phi, task.x_query)
-            loss = model.loss_fn(logits, task.y_query)
-        check_finite(loss, "query loss")
-        return MetaGradient((theta.detach() - inner.phi).detach(), float(loss),
-                            accuracy_of(logits, task.y_query), inner.phi.detach(), inner)
+            loss, acc = _query(model, s.phi, xq, yq)
+        return TaskTerms(theta - s.phi, loss, acc, s, {})

@@ -19,7 +19,6 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .batched import supports_batching
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config, outer_lr_at  # noqa: F401 (re-exported)
 from .distributed import (barrier, broadcast_parameters, carries_moments, from_rank0,
@@ -213,7 +212,7 @@ class _Run:
         self.moments, self.inner_t = ck.get("inner_moments"), ck.get("inner_t", 0)
         if self.moments is not None:
             self._use_moments(self.moments.to(self.device), self.inner_t)
-        batching = cfg.batching if supports_batching(self.method) else "loop"
+        batching = cfg.batching
         if batching == "auto" and resume:
             batching = ck.get("batching", "auto")  # the choice made when the run started
         self.batching, self.warned = batching, False
