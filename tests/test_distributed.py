@@ -42,10 +42,10 @@ def _worker(rank, world, init_file, name, batched, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     fm, sampler = setup()
-    g, stats = mean_meta_gradient(METHODS[name], fm, fm.theta(), to_double(sampler), range(7),
-                                  batched, rank, world)
+    means, stats = mean_meta_gradient(METHODS[name], fm, fm.theta(), to_double(sampler), range(7),
+                                      batched, rank, world)
     if rank == 0:
-        torch.save((g, stats), out)
+        torch.save((means["grad"], stats), out)
     # Both ranks leave together, and without gloo's teardown: a peer torn down while the other
     # is still connected aborted a worker ("terminate called without an active exception")
     # once in a few dozen runs even after the barrier. The result is written and closed above,
@@ -60,8 +60,9 @@ def test_distributed_meta_gradient_equals_single_process(tmp_path, name, batched
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), name, batched, str(out)), nprocs=2, join=True)
     g2, stats2 = torch.load(out)
     fm, sampler = setup()
-    g1, stats1 = mean_meta_gradient(METHODS[name], fm, fm.theta(), to_double(sampler), range(7),
-                                    batched)
+    means, stats1 = mean_meta_gradient(METHODS[name], fm, fm.theta(), to_double(sampler),
+                                       range(7), batched)
+    g1 = means["grad"]
     assert float((g2 - g1).norm() / g1.norm()) < 1e-6
     for k in ("loss", "accuracy", "inner_converged", "cg_residual", "negative_curvature"):
         assert stats2[k] == pytest.approx(stats1[k], rel=1e-6, nan_ok=True), k
@@ -105,9 +106,10 @@ def test_a_rank_without_tasks_contributes_zeros():
     from imaml.distributed import STATS, local_sums, shard
     fm, sampler = setup()
     assert shard(range(3), rank=5, world=8) == []
-    g, sums = local_sums(METHODS["imaml"], fm, fm.theta(), None, batched=True)
-    assert g.shape == fm.theta().shape and not g.any()
-    assert sums.shape == (len(STATS),) and not sums.any()
+    zero = local_sums(METHODS["imaml"], fm, fm.theta(), None, batched=True)
+    assert set(zero) == {"grad", "stats"}
+    assert zero["grad"].shape == fm.theta().shape and not zero["grad"].any()
+    assert zero["stats"].shape == (len(STATS),) and not zero["stats"].any()
     # and a rank's sums are additive: two halves of a batch sum to the whole
     b = to_double(sampler).batch(range(4))
     from imaml.tasks import TaskBatch
@@ -116,8 +118,8 @@ def test_a_rank_without_tasks_contributes_zeros():
     whole = local_sums(METHODS["imaml"], fm, fm.theta(), b, batched=True)
     parts = [local_sums(METHODS["imaml"], fm, fm.theta(), half(i), batched=True)
              for i in (slice(0, 2), slice(2, 4))]
-    assert torch.allclose(parts[0][0] + parts[1][0], whole[0], rtol=1e-6, atol=1e-7)
-    assert torch.allclose(parts[0][1] + parts[1][1], whole[1], rtol=1e-6)
+    assert torch.allclose(parts[0]["grad"] + parts[1]["grad"], whole["grad"], rtol=1e-6, atol=1e-7)
+    assert torch.allclose(parts[0]["stats"] + parts[1]["stats"], whole["stats"], rtol=1e-6)
 
 
 # -- one process of a torchrun run ending (issue 24) ---------------------------------------------

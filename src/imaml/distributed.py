@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -99,14 +99,14 @@ STATS = ("loss", "accuracy", "tasks", "inner_grad_norm", "inner_evaluated", "inn
 
 
 def _batch_stats(r) -> list:
-    """The STATS sums of a BatchMetaGradient."""
+    """The STATS sums of a BatchMetaGradient (in float64)."""
     n = len(r.query_loss)
     evaluated = torch.isfinite(r.inner_grad_norm)
-    acc = r.query_accuracy.sum() if r.query_accuracy is not None else 0.0
     cg = r.cg_residual is not None
-    return [r.query_loss.sum(), acc, n, r.inner_grad_norm[evaluated].sum(), evaluated.sum(),
-            r.inner_converged.sum(), r.cg_residual.sum() if cg else 0.0, n if cg else 0,
-            r.negative_curvature.sum() if cg else 0]
+    total = lambda t: float(t.double().sum()) if t is not None else 0.0  # noqa: E731
+    return [total(r.query_loss), total(r.query_accuracy), n, total(r.inner_grad_norm[evaluated]),
+            int(evaluated.sum()), int(r.inner_converged.sum()), total(r.cg_residual),
+            n if cg else 0, int(r.negative_curvature.sum()) if cg else 0]
 
 
 def learns_lam(method) -> bool:
@@ -120,43 +120,57 @@ def carries_moments(method) -> bool:
     return bool(getattr(getattr(method, "inner", None), "carry", False))
 
 
-def local_sums(method, model: FunctionalModel, theta: torch.Tensor, batch, batched: bool):
-    """(Σ task meta-gradients, the STATS sums as a float64 vector) for the tasks of ``batch``
-    (a TaskBatch, possibly empty: a rank with no task of the meta-batch contributes zeros).
-    With one λ per parameter (``learns_lam``) the first is [Σ ∂/∂θ, Σ ∂L_test/∂λ] (2P); with
-    carried Adam moments (``carries_moments``) Σ m and Σ v follow (2P more)."""
-    p = theta.numel() * (1 + learns_lam(method) + 2 * carries_moments(method))
+def local_sums(method, model: FunctionalModel, theta: torch.Tensor, batch, batched: bool
+               ) -> Dict[str, torch.Tensor]:
+    """The sums over the tasks of ``batch`` (a TaskBatch, possibly empty: a rank with no task of
+    the meta-batch contributes zeros) that a meta-batch adds up across ranks, field by field:
+    ``grad`` (Σ task meta-gradients), ``lam_grad`` (Σ ∂L_test/∂λ, with one λ per parameter:
+    ``learns_lam``), ``moments`` (Σ of the final Adam moments [2, P], ``carries_moments``) and
+    ``stats`` (the STATS sums, float64)."""
+    zeros = lambda *shape, dtype=theta.dtype: torch.zeros(*shape, dtype=dtype,  # noqa: E731
+                                                          device=theta.device)
     if batch is None or len(batch) == 0:
-        return (torch.zeros(p, dtype=theta.dtype, device=theta.device),
-                torch.zeros(len(STATS), dtype=torch.float64, device=theta.device))
+        sums = {"grad": zeros(theta.numel()), "stats": zeros(len(STATS), dtype=torch.float64)}
+        if learns_lam(method):
+            sums["lam_grad"] = zeros(theta.numel())
+        if carries_moments(method):
+            sums["moments"] = zeros(2, theta.numel())
+        return sums
     batch = batch.to(theta.device)  # tasks are sampled on the CPU and moved once
     r = batch_meta_gradient(method, model, theta, batch, vectorised=batched)
-    g, stats = r.grads.sum(0), _batch_stats(r)
-    lam_grad = r.lam_grads.sum(0) if r.lam_grads is not None else None
-    moments = r.inner_moments.sum(0) if r.inner_moments is not None else None
-    if lam_grad is not None:
-        g = torch.cat([g, lam_grad])
-    if moments is not None:
-        g = torch.cat([g, moments.flatten()])
-    return g.detach(), torch.tensor([float(v) for v in stats], dtype=torch.float64,
-                                    device=g.device)
+    sums = {"grad": r.grads.sum(0), "stats": torch.tensor(
+        [float(v) for v in _batch_stats(r)], dtype=torch.float64, device=theta.device)}
+    if r.lam_grads is not None:
+        sums["lam_grad"] = r.lam_grads.sum(0)
+    if r.inner_moments is not None:
+        sums["moments"] = r.inner_moments.sum(0)
+    return {k: v.detach() for k, v in sums.items()}
+
+
+def all_reduce_fields(sums: Dict[str, torch.Tensor], world: int) -> Dict[str, torch.Tensor]:
+    """Each tensor of ``sums`` summed over the ranks (one all-reduce, in float64)."""
+    if world == 1:
+        return sums
+    keys = sorted(sums)
+    flat = torch.cat([sums[k].double().flatten() for k in keys])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    parts = flat.split([sums[k].numel() for k in keys])
+    return {k: p.reshape(sums[k].shape).to(sums[k].dtype) for k, p in zip(keys, parts)}
 
 
 def mean_meta_gradient(method, model: FunctionalModel, theta: torch.Tensor, sampler,
                        indices: Sequence[int], batched: bool = True, rank: int = 0, world: int = 1):
-    """(mean meta-gradient, statistics) over the tasks ``indices`` of ``sampler``, computed
-    across ranks when a process group is running. The statistics: mean query loss and
+    """(means, statistics) over the tasks ``indices`` of ``sampler``, computed across ranks
+    when a process group is running. The means: the meta-gradient ``grad``, and ``lam_grad``
+    and ``moments`` where the method has them (``local_sums``). The statistics: mean query loss and
     accuracy; mean ‖∇G‖ after the inner solve (over the tasks whose solver evaluated it, NaN if
     none did) and the fraction of tasks whose inner solve met its tolerance; for iMAML, the
     mean relative residual of the linear solve and the number of tasks whose linear solve met
     negative curvature."""
     mine = shard(indices, rank, world)
-    g, sums = local_sums(method, model, theta, sampler.batch(mine) if mine else None, batched)
-    if world > 1:
-        both = torch.cat([g.double(), sums])
-        dist.all_reduce(both, op=dist.ReduceOp.SUM)
-        g, sums = both[:g.numel()].to(g.dtype), both[g.numel():]
-    s = dict(zip(STATS, sums.tolist()))
+    sums = all_reduce_fields(
+        local_sums(method, model, theta, sampler.batch(mine) if mine else None, batched), world)
+    s = dict(zip(STATS, sums.pop("stats").tolist()))
     n = s["tasks"]
     stats = {"loss": s["loss"] / n, "accuracy": s["accuracy"] / n,
              "inner_grad_norm": (s["inner_grad_norm"] / s["inner_evaluated"]
@@ -164,7 +178,7 @@ def mean_meta_gradient(method, model: FunctionalModel, theta: torch.Tensor, samp
              "inner_converged": s["inner_converged"] / n,
              "cg_residual": s["cg_residual"] / s["cg_tasks"] if s["cg_tasks"] else float("nan"),
              "negative_curvature": int(s["negative_curvature"])}
-    return g / n, stats
+    return {k: v / n for k, v in sums.items()}, stats
 
 
 def broadcast_parameters(module: torch.nn.Module, world: int) -> None:

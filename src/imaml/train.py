@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config, outer_lr_at  # noqa: F401 (re-exported)
-from .distributed import (barrier, broadcast_parameters, carries_moments, from_rank0,
+from .distributed import (barrier, broadcast_parameters, from_rank0,
                           init_from_env, mean_meta_gradient, resolve_device)
 from .evaluate import evaluate
 from .functional import FunctionalModel, NonFiniteError
@@ -397,24 +397,22 @@ class _Run:
             if self.lead:
                 write(f"batching: vmap {timings['vmap']:.2f} s, loop {timings['loop']:.2f} s "
                       f"per meta-batch; using {self.batching}")
-        g, stats = mean_meta_gradient(self.method, self.model, self.model.theta(),
-                                      self.train_tasks, indices, self.batching == "vmap",
-                                      self.rank, self.world)
+        means, stats = mean_meta_gradient(self.method, self.model, self.model.theta(),
+                                          self.train_tasks, indices, self.batching == "vmap",
+                                          self.rank, self.world)
         for group in self.opt.param_groups:
             group["lr"] = outer_lr_at(self.cfg, it, trained)
-        # [∂/∂θ, (∂/∂λ), (mean Adam moments m, v)] (imaml.distributed.local_sums)
-        g, extra = g[:self.model.num_params], g[self.model.num_params:]
+        g = means["grad"]
         if not self.reference:  # the first iteration of a run: yardsticks from θ before its step
             self.reference.update(loss=stats["loss"], param_norm=float(
                 torch.linalg.vector_norm(self.model.theta())))
         self._check_meta_gradient(it, g, stats["loss"])
         apply_meta_gradient(self.model, self.opt, g)
         if self.lam is not None:
-            lam_grad, extra = extra[:self.model.num_params], extra[self.model.num_params:]
-            self.lam.step(lam_grad)
+            self.lam.step(means["lam_grad"])
             self._use_lam()
-        if carries_moments(self.method):
-            self._use_moments(extra.reshape(2, -1), self.inner_t + self.method.inner.steps)
+        if "moments" in means:
+            self._use_moments(means["moments"], self.inner_t + self.method.inner.steps)
         self._check_finite(it, stats["loss"])
         dt = time.perf_counter() - t0
         self.elapsed += dt
