@@ -12,7 +12,8 @@ from .functional import (FunctionalModel, NonFiniteError, ProximalProblem, make_
                          hvp_fwd_rev, hvp_rev_rev, task_loss)
 from .implicit import implicit_solution
 from .inner import Adam, GradientDescent, InnerResult, Nesterov, NewtonCG
-from .linear import CGResult, conjugate_gradient, dense_solve, minres, neumann_series
+from .linear import (CGResult, LinearSolveResult, conjugate_gradient, dense_solve, minres,  # noqa: F401
+                     neumann_series)
 from .meta import FOMAML, IMAML, MAML, MetaGradient, Reptile, TruncatedMAML
 from .tasks import Task, TaskBatch
 from .models import conv4, miniimagenet_conv4, omniglot_conv4
@@ -24,7 +25,8 @@ __version__ = "0.1.0"
 __all__ = [
     "FunctionalModel", "NonFiniteError", "ProximalProblem", "make_hvp", "hvp_fwd_rev",
     "hvp_rev_rev", "task_loss", "Adam", "GradientDescent", "Nesterov", "NewtonCG", "InnerResult",
-    "CGResult", "conjugate_gradient", "minres", "dense_solve", "neumann_series", "IMAML", "MAML",
+    "LinearSolveResult", "conjugate_gradient", "minres", "dense_solve", "neumann_series", "IMAML",
+    "MAML",
     "TruncatedMAML", "FOMAML", "Reptile", "Task", "TaskBatch", "MetaGradient", "conv4", "omniglot_conv4",
     "miniimagenet_conv4", "batch_meta_gradient", "meta_step", "MetaModel", "implicit_solution",
 ]

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .functional import FunctionalModel, curvature_product, inner_problem
-from .linear import CG_POLICIES, CGResult, conjugate_gradient, minres
+from .linear import CG_POLICIES, LinearSolveResult, conjugate_gradient, minres
 
 Lam = Union[float, Tensor]
 
@@ -52,7 +52,7 @@ def expand_lam(model: FunctionalModel, lam: Tensor) -> Tensor:
 
 
 def adjoint_solve(curv: Callable[[Tensor], Tensor], v: Tensor, lam: Lam, mask: Optional[Tensor],
-                  solve: Callable) -> Tuple[Tensor, Tensor, CGResult]:
+                  solve: Callable) -> Tuple[Tensor, Tensor, LinearSolveResult]:
     """(∂ℓ/∂θ, w, the linear solver's result) for the upstream gradient v = ∂ℓ/∂φ at a solved
     inner problem, where w = (H + Λ)⁻¹ v on the adapted coordinates (module docstring).
 
@@ -125,7 +125,7 @@ def implicit_solution(model: FunctionalModel, theta, lam, x, y: Tensor, inner,
         curvature: 'hessian' (exact) or 'ggn' (Gauss-Newton) in the adjoint system and in
             Newton-CG's inner steps; hvp_mode: 'rev-rev' or 'fwd-rev' Hessian products.
         record: a dict that receives ``"inner"`` (the InnerResult) in the forward and
-            ``"linear"`` (the CGResult of the adjoint solve) in the backward.
+            ``"linear"`` (the LinearSolveResult of the adjoint solve) in the backward.
     """
     if linear_solver not in ("cg", "minres"):
         raise ValueError(f"linear_solver must be 'cg' or 'minres', got {linear_solver!r}")

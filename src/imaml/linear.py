@@ -39,7 +39,7 @@ class NegativeCurvatureError(ArithmeticError):
 
 
 @dataclass
-class CGResult:
+class LinearSolveResult:
     """What a linear solve reached (CG or MINRES).
 
     Attributes:
@@ -65,6 +65,9 @@ class CGResult:
     @property
     def residual(self) -> float:
         return self.residual_norms[-1]
+
+
+CGResult = LinearSolveResult  # its name before 2026-12-03 (it holds MINRES results too)
 
 
 class SolveState(NamedTuple):
@@ -196,8 +199,8 @@ def minres_state(matvec: Matvec, b: Tensor, x0: Optional[Tensor] = None, max_ite
 
 
 def solve_result(state: SolveState, solver: str, rtol: float = 0.0, atol: float = 0.0,
-                 b_norm: Optional[float] = None) -> CGResult:
-    """A ``CGResult`` of one system's ``SolveState`` (``rtol``/``atol`` as it was solved;
+                 b_norm: Optional[float] = None) -> LinearSolveResult:
+    """A ``LinearSolveResult`` of one system's ``SolveState`` (``rtol``/``atol`` as it was solved;
     ``b_norm``: ‖b‖, by default its first residual, as it is from x0 = 0)."""
     iters = int(state.iterations)
     hist = state.history.tolist()
@@ -206,7 +209,7 @@ def solve_result(state: SolveState, solver: str, rtol: float = 0.0, atol: float 
     rejected_last = bool(state.breakdown) or (solver == "cg" and bool(state.negative_curvature))
     hist = hist[:max(iters - rejected_last, 0) + 1]
     thr = max(rtol * (hist[0] if b_norm is None else b_norm), atol)
-    return CGResult(x=state.x, residual_norms=hist, iterations=iters,
+    return LinearSolveResult(x=state.x, residual_norms=hist, iterations=iters,
                     converged=bool(state.residual <= thr),
                     negative_curvature=bool(state.negative_curvature),
                     breakdown=bool(state.breakdown), solver=solver)
@@ -214,7 +217,7 @@ def solve_result(state: SolveState, solver: str, rtol: float = 0.0, atol: float 
 
 def conjugate_gradient(matvec: Matvec, b: Tensor, x0: Optional[Tensor] = None,
                        max_iter: int = 5, rtol: float = 0.0, atol: float = 0.0,
-                       on_negative_curvature: str = "stop") -> CGResult:
+                       on_negative_curvature: str = "stop") -> LinearSolveResult:
     """Solve A x = b for symmetric positive-definite A by conjugate gradient.
 
     Stops when ‖r‖ ≤ max(rtol‖b‖, atol) (the δ′ of Algorithm 2), after ``max_iter`` matvecs, on
@@ -236,7 +239,7 @@ def conjugate_gradient(matvec: Matvec, b: Tensor, x0: Optional[Tensor] = None,
 
 
 def minres(matvec: Matvec, b: Tensor, x0: Optional[Tensor] = None, max_iter: int = 5,
-           rtol: float = 0.0, atol: float = 0.0) -> CGResult:
+           rtol: float = 0.0, atol: float = 0.0) -> LinearSolveResult:
     """Solve A x = b for symmetric A, definite or indefinite, by MINRES.
 
     x_k minimises ‖b − A x‖ over x0 + the k-th Krylov space, so the residual never grows. Stops

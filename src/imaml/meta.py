@@ -31,7 +31,7 @@ from .functional import (DEFAULT_HVP, FunctionalModel, ProximalProblem, check_fi
 from .implicit import adjoint_solve
 from .inner import Adam, GradientDescent, InnerResult, Nesterov, NewtonCG, run
 from .tasks import Task
-from .linear import (CG_POLICIES, LINEAR_SOLVERS, CGResult, NegativeCurvatureError,
+from .linear import (CG_POLICIES, LINEAR_SOLVERS, LinearSolveResult, NegativeCurvatureError,
                      solve_result)
 
 InnerSolver = Union[GradientDescent, Nesterov, NewtonCG, Adam]
@@ -54,7 +54,7 @@ class MetaGradient:
     query_accuracy: Optional[float]
     phi: Tensor
     inner: InnerResult
-    cg: Optional[CGResult] = None
+    cg: Optional[LinearSolveResult] = None
     lam_grad: Optional[Tensor] = None
 
 
