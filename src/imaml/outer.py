@@ -24,9 +24,9 @@ class StepSummary:
 
 
 def task_meta_gradients(method, model: FunctionalModel, theta: Tensor, tasks: Sequence[Task]):
-    """(sum of the task meta-gradients, per-task results) at θ, task by task: the looped path
-    of every aggregation (``batch_meta_gradient`` here, ``imaml.distributed`` across ranks;
-    ``imaml.batched`` is the vmapped one)."""
+    """(sum of the task meta-gradients, per-task ``MetaGradient`` results) at θ, task by task
+    (``imaml.batched.batch_meta_gradient`` computes the same per-task terms stacked, looped or
+    vmapped, which is what the trainer uses)."""
     results = [method.meta_gradient(model, theta, t) for t in tasks]
     return torch.stack([r.grad for r in results]).sum(0), results
 
