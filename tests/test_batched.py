@@ -160,13 +160,17 @@ def test_per_parameter_lambda_batched_equals_loop():
     assert ref.shape == r.lam_grads.shape == (3, theta.numel())
     assert float((r.lam_grads - ref).norm() / ref.norm()) < 1e-9
     from imaml import implicit_solution
+    moved = 0
     for i, t in enumerate(tb.tasks()):
         th, la = theta.clone().requires_grad_(True), lam.clone().requires_grad_(True)
         phi = implicit_solution(fm, th, la, t.x_support, t.y_support, method.inner,
                                 linear_solver="minres", max_iter=6)
         gt, gl = torch.autograd.grad(fm.loss(phi, t.x_query, t.y_query), (th, la))
-        assert float((gt - r.grads[i]).norm() / gt.norm()) < 1e-9
-        assert float((gl - r.lam_grads[i]).norm() / gl.norm()) < 1e-9
+        assert float((gt - r.grads[i]).norm()) < 1e-9 * float(gt.norm())
+        # (∂L/∂λ = −(φ − θ) w is 0 where the inner solve met its tolerance at θ: then 0 on both)
+        assert float((gl - r.lam_grads[i]).norm()) <= 1e-9 * float(gl.norm())
+        moved += bool(gl.any())
+    assert moved >= 2
 
 
 def test_batched_adaptive_solve_leaves_once_every_task_has_converged():
