@@ -10,6 +10,7 @@ ARGS = dict(workloads=["omniglot-5w1s"], methods=["imaml-gd"], batch=2, reps=1,
             modes=["vmap", "task"], mem_reps=2)
 
 
+@pytest.mark.slow
 def test_bench_sweep_measures_keeps_and_skips(tmp_path, monkeypatch):
     out = str(tmp_path)
     res = bench.run(out, steps=[1, 2], progress=lambda m: None, **ARGS)

@@ -96,6 +96,7 @@ def test_same_seed_same_tasks_in_a_new_process(tmp_path):
 
 # -- Mini-ImageNet ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @needs_mini
 def test_miniimagenet_csv_layout(cache):
     splits = {s: load_miniimagenet(s, DATA) for s in ("meta_train", "meta_val", "meta_test")}

@@ -84,6 +84,7 @@ def torchrun(out, *extra):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 @needs_omniglot
 def test_two_process_training_resumes_to_the_same_metrics(tmp_path):
     torchrun(tmp_path / "straight", "meta_iters=6")

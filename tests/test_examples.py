@@ -2,9 +2,12 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import needs_omniglot
+
+pytestmark = pytest.mark.slow  # the examples train for real: 20-40 s each
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 

@@ -197,6 +197,7 @@ train(cfg, sys.argv[1], resume=sys.argv[2] == "resume", progress=False,
 '''
 
 
+@pytest.mark.slow
 def test_repeated_sigkills_leave_a_whole_history_identical_to_an_uninterrupted_run(tmp_path):
     """SIGKILL at random moments (in steps, checkpoint writes, metrics appends), resume, again
     and again over a 400-iteration run: the history ends complete and equal, row for row, to

@@ -73,6 +73,7 @@ def inner_exact():
     return NewtonCG(steps=60, cg_iters=80, tol=1e-14)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["cg", "minres"])
 def test_layer_gradient_matches_dense_solve_and_finite_differences(solver):
     """Inner problem and linear system solved to float64 precision: the θ-gradient equals

@@ -54,6 +54,7 @@ def test_adapt_mask_names_the_head_and_rejects_unknown_names():
     assert adapt_names({"adapt": "13., 12."}) == ["13.", "12."] and adapt_names({}) is None
 
 
+@pytest.mark.slow
 def test_anil_meta_gradient_matches_finite_differences_and_keeps_the_body():
     """Head adapted, body meta-only: ∂/∂θ_body = v_b − H_bh w_h (one more Hessian product)
     against central differences of θ -> L_test(φ*(θ)) over every coordinate."""

@@ -1,9 +1,11 @@
 import json
 
+import pytest
 
 from imaml.cli import main
 
 
+@pytest.mark.slow
 def test_synthetic_command_accuracy_part(tmp_path):
     assert main(["synthetic", "--out", str(tmp_path), "--skip-compute"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())

@@ -140,6 +140,7 @@ def train_rows(out):
             for r in read_metrics(out)]
 
 
+@pytest.mark.slow
 @needs_omniglot
 def test_sigkill_and_resume_gives_the_same_metrics(tmp_path):
     ref = tmp_path / "ref"
@@ -176,6 +177,7 @@ def test_sigkill_and_resume_gives_the_same_metrics(tmp_path):
     assert r.returncode == 2 and "different config" in r.stderr
 
 
+@pytest.mark.slow
 @needs_omniglot
 def test_train_eval_and_readme_checkpoint_api(tmp_path):
     out = tmp_path / "run"
@@ -232,6 +234,7 @@ SYNTH = ["ways=3", "shots=1", "queries=2", "eval_queries=2", "meta_batch=4", "va
          "inner_adaptive=true", "inner_tol=0.05", "linear_solver=minres"]
 
 
+@pytest.mark.slow
 def test_training_end_to_end_without_a_dataset(tmp_path):
     from imaml import conv4
     from imaml.train import train
@@ -313,6 +316,7 @@ def test_unavailable_device_is_named():
         load_config(None, ["device=gpu"])
 
 
+@pytest.mark.slow
 def test_learned_lambda_trains_checkpoints_and_resumes_exactly(tmp_path):
     """learn_lam: one λ per parameter tensor moves under the implicit λ-gradient; the
     checkpoint carries it (MetaModel and the evaluation use it), and a run resumed half-way
