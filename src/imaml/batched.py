@@ -30,7 +30,8 @@ class BatchMetaGradient:
     """Per-task results, stacked: grads [B, P]; query_loss, query_accuracy [B]; the inner
     solve's final ‖∇G‖ [B] (NaN where the solver did not evaluate it) and whether it met its
     tolerance [B]; for iMAML, the linear solve's final residual relative to its first [B],
-    whether it met negative curvature [B] and, for a tensor λ, ∂L_test/∂λ [B, P]."""
+    whether it met negative curvature [B] and, for a tensor λ, ∂L_test/∂λ [B, P]; an Adam inner
+    solver's final moments where it carries them [B, 2, P]; the inner solve's steps [B]."""
 
     grads: Tensor
     query_loss: Tensor
