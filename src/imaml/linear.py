@@ -210,9 +210,9 @@ def solve_result(state: SolveState, solver: str, rtol: float = 0.0, atol: float 
     hist = hist[:max(iters - rejected_last, 0) + 1]
     thr = max(rtol * (hist[0] if b_norm is None else b_norm), atol)
     return LinearSolveResult(x=state.x, residual_norms=hist, iterations=iters,
-                    converged=bool(state.residual <= thr),
-                    negative_curvature=bool(state.negative_curvature),
-                    breakdown=bool(state.breakdown), solver=solver)
+                             converged=bool(state.residual <= thr),
+                             negative_curvature=bool(state.negative_curvature),
+                             breakdown=bool(state.breakdown), solver=solver)
 
 
 def conjugate_gradient(matvec: Matvec, b: Tensor, x0: Optional[Tensor] = None,

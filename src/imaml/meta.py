@@ -58,12 +58,18 @@ class MetaGradient:
     lam_grad: Optional[Tensor] = None
 
 
+def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    """``accuracy_of`` as a tensor (NaN where not defined), for use under ``vmap``."""
+    if y.dtype in (torch.int64, torch.int32) and logits.dim() == 2:
+        return (logits.argmax(-1) == y).float().mean()
+    return logits.detach().new_full((), math.nan)
+
+
 def accuracy_of(logits: Tensor, y: Tensor) -> Optional[float]:
     """Fraction of right predictions for class scores [n, classes] and integer labels; None
     where accuracy is not defined (regression)."""
-    if y.dtype in (torch.int64, torch.int32) and logits.dim() == 2:
-        return float((logits.argmax(-1) == y).float().mean())
-    return None
+    acc = float(_accuracy(logits, y))
+    return None if acc != acc else acc
 
 
 def flat_theta(model: FunctionalModel, theta, task=None) -> Tensor:
@@ -121,10 +127,7 @@ class TaskTerms(NamedTuple):
 def _query(model: FunctionalModel, phi: Tensor, xq, yq: Tensor):
     """(L_test(φ), accuracy): accuracy where ``accuracy_of`` defines it, NaN elsewhere."""
     logits = model.forward(phi, xq)
-    loss = model.loss_fn(logits, yq)
-    if yq.dtype in (torch.int64, torch.int32) and logits.dim() == 2:
-        return loss, (logits.argmax(-1) == yq).float().mean()
-    return loss, loss.detach() * math.nan
+    return model.loss_fn(logits, yq), _accuracy(logits, yq)
 
 
 def _grad_and_aux(f, x: Tensor):
