@@ -61,7 +61,7 @@ def config_fields(path: Path = SRC / "config.py"):
     comments = _comments(source)
     tree = ast.parse(source)
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainConfig")
-    fields, section = [], ""
+    fields, section, classes = [], "", _class_defaults()
     for node in cls.body:
         if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
             continue
@@ -75,9 +75,42 @@ def config_fields(path: Path = SRC / "config.py"):
             section = heading.group(1)
         desc = " ".join(above + ([comments[node.lineno]] if node.lineno in comments else []))
         default = ast.get_source_segment(source, node.value) if node.value is not None else ""
+        if default:
+            default = _literal(default, classes)
         fields.append((node.target.id, ast.get_source_segment(source, node.annotation),
                        default, desc, section))
     return fields
+
+
+def _class_defaults():
+    """{class: ({attribute: default as written}, [base names])} of the classes in the package's
+    modules, read from the source (the docs build does not import the package, nor torch)."""
+    found = {}
+    for path in sorted(SRC.glob("*.py")):
+        source = path.read_text()
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.ClassDef):
+                attrs = {n.target.id: ast.get_source_segment(source, n.value) for n in node.body
+                         if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+                         and n.value is not None}
+                found[node.name] = (attrs, [b.id for b in node.bases if isinstance(b, ast.Name)])
+    return found
+
+
+def _literal(default: str, classes=None) -> str:
+    """A field's default as a literal: as written, or, where it names another class's default
+    (``lam: float = IMAML.lam``), that class's (or its bases') default, as written there."""
+    m = re.fullmatch(r"([A-Za-z_]\w*)\.([A-Za-z_]\w*)", default)
+    if not m:
+        return default
+    classes = _class_defaults() if classes is None else classes
+    todo = [m.group(1)]
+    while todo:
+        attrs, bases = classes[todo.pop(0)]
+        if m.group(2) in attrs:
+            return _literal(attrs[m.group(2)], classes)
+        todo += bases
+    raise ValueError(f"no default {default} in the package's classes")
 
 
 def _cell(text: str) -> str:

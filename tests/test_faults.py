@@ -71,6 +71,7 @@ def test_a_diverged_outer_step_stops_before_any_checkpoint_is_overwritten(tmp_pa
     from test_train import SYNTH, synthetic_samplers
     from imaml import conv4
     from imaml import train as train_module
+    from imaml import outer as outer_module
     from imaml.checkpoint import load_checkpoint
     from imaml.functional import NonFiniteError
     from imaml.train import load_config, train
@@ -79,14 +80,14 @@ def test_a_diverged_outer_step_stops_before_any_checkpoint_is_overwritten(tmp_pa
     net = lambda: conv4(1, 3, hidden=8, image_size=8)  # noqa: E731
     train(cfg, run, progress=False, network=net(), samplers=synthetic_samplers())
     good = load_checkpoint(tmp_path / "run" / "last.pt")
-    real = train_module.apply_meta_gradient
+    real = outer_module.apply_meta_gradient
 
     def diverge(model, opt, g):  # the outer step of iteration 4 blows up
         real(model, opt, g)
         with torch.no_grad():
             next(model.module.parameters()).fill_(float("nan"))
 
-    monkeypatch.setattr(train_module, "apply_meta_gradient", diverge)
+    monkeypatch.setattr(outer_module, "apply_meta_gradient", diverge)
     cfg = load_config(None, SYNTH + ["meta_iters=5", "checkpoint_every=1"])
     with pytest.raises(NonFiniteError, match="non-finite.*lower outer_lr.*last.pt still holds "
                                              "iteration 3, which --resume continues"):
@@ -377,9 +378,10 @@ def test_a_suspect_run_never_writes_over_its_last_good_checkpoint(tmp_path, monk
     then the run diverges: the checkpoints taken while it was suspect are not written,
     last.pt stays at iteration 2, and the message advises resuming from that one."""
     from imaml import train as train_module
+    from imaml import outer as outer_module
     from imaml.checkpoint import load_checkpoint
     from imaml.functional import NonFiniteError
-    real = train_module.apply_meta_gradient
+    real = outer_module.apply_meta_gradient
     calls = []
 
     def grow(model, opt, g):
@@ -391,7 +393,7 @@ def test_a_suspect_run_never_writes_over_its_last_good_checkpoint(tmp_path, monk
                 for p in model.module.parameters():
                     p.mul_(factor)
 
-    monkeypatch.setattr(train_module, "apply_meta_gradient", grow)
+    monkeypatch.setattr(outer_module, "apply_meta_gradient", grow)
     messages = []
     with pytest.raises(NonFiniteError, match="diverged: the outer step of iteration [45] .*"
                                              "last.pt still holds iteration 2, which --resume"):
@@ -407,8 +409,9 @@ def test_a_norm_that_grows_steadily_past_the_suspect_factor_keeps_its_checkpoint
     checkpoint written; last.pt follows every iteration. The convolutions are scaled (batch
     norm follows each: the loss does not change), so only the norm moves."""
     from imaml import train as train_module
+    from imaml import outer as outer_module
     from imaml.checkpoint import load_checkpoint
-    real = train_module.apply_meta_gradient
+    real = outer_module.apply_meta_gradient
 
     def grow(model, opt, g):
         real(model, opt, g)
@@ -417,7 +420,7 @@ def test_a_norm_that_grows_steadily_past_the_suspect_factor_keeps_its_checkpoint
                 if p.dim() == 4:
                     p.mul_(1.6)
 
-    monkeypatch.setattr(train_module, "apply_meta_gradient", grow)
+    monkeypatch.setattr(outer_module, "apply_meta_gradient", grow)
     messages = []
     _tiny_run(tmp_path / "run", ["meta_iters=8", "checkpoint_every=1", "val_every=100"],
               log=messages.append)

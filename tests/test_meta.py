@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
 
 from imaml import (FOMAML, IMAML, MAML, FunctionalModel, GradientDescent, Nesterov, NewtonCG,
                    NonFiniteError, Reptile, Task, TruncatedMAML, meta_step, task_loss)
+from imaml.inner import Adam
 from imaml.linear import dense_matrix
 from imaml.synthetic import exact_meta_gradient, regression_task
 
@@ -223,6 +226,64 @@ def test_meta_step_adam_reduces_query_loss():
     for _ in range(30):
         last = meta_step(method, fm, opt, [task]).query_loss
     assert last < first
+
+
+def test_meta_step_carries_adam_moments_as_explicit_state():
+    """Reptile with Adam(carry=True) (the trainer's inner_carry): a step returns the batch-mean
+    final moments and the inner steps they have seen; the next step, given that state, starts
+    every inner solve from them (checked against solves started from them by hand); the method
+    object itself is left as it was."""
+    fm, theta, task = classification_setup()
+    _, _, task2 = classification_setup(seed=5)
+    method = Reptile(inner=Adam(lr=0.01, steps=3, carry=True))
+    opt = torch.optim.SGD(fm.module.parameters(), lr=0.5)
+    first = meta_step(method, fm, opt, [task, task2])
+    m = torch.stack([r.inner.moments for r in first.results]).mean(0)
+    assert torch.equal(first.state.moments, m) and first.state.inner_t == 3
+    assert bool((m[1] > 0).any()) and method.inner.m0 is None and method.inner.t0 == 0
+    theta1 = fm.theta()
+    by_hand = Reptile(inner=Adam(lr=0.01, steps=3).with_moments(m[0], m[1], 3))
+    g = sum(by_hand.meta_gradient(fm, theta1, t).grad for t in (task, task2)) / 2
+    fresh = sum(method.meta_gradient(fm, theta1, t).grad for t in (task, task2)) / 2
+    assert rel(g, fresh) > 1e-3  # the carried moments change the step
+    second = meta_step(method, fm, opt, [task, task2], state=first.state)
+    assert torch.allclose(fm.theta(), theta1 - 0.5 * g, rtol=0, atol=1e-12)
+    assert second.state.inner_t == 6
+
+
+def test_meta_step_learns_lambda_per_tensor():
+    """learned_lam (the trainer's learn_lam): the step moves log λ of each tensor by Adam on
+    λ_l Σ ∂L_test/∂λ_i, with the λ-gradient checked here by finite differences of the mean
+    query loss in log λ of one tensor; the state carries the new λ per parameter."""
+    from imaml.outer import LearnedLam
+    fm, theta, task = classification_setup()
+    _, _, task2 = classification_setup(seed=5)
+    method = IMAML(lam=LAM, cg_max_iter=100, cg_rtol=1e-12, inner=GradientDescent(
+        lr=0.5, steps=500, tol=1e-11, adaptive=True, step_rule="bb"))
+    learned = LearnedLam(fm, LAM, lr=0.05)
+    lam0 = learned.per_parameter().clone()
+
+    def query_loss(lam):  # mean L_test at the adapted φ(θ, λ), θ fixed
+        m = replace(method, lam=lam)
+        return sum(m.meta_gradient(fm, theta, t).query_loss for t in (task, task2)) / 2
+
+    opt = torch.optim.SGD(fm.module.parameters(), lr=0.0)  # θ stays: only λ moves
+    summary = meta_step(method, fm, opt, [task, task2], learned_lam=learned)
+    lam_grad = torch.stack([r.lam_grad for r in summary.results]).mean(0)
+    first = slice(0, fm.numels[0])  # the first tensor's λ, in log space
+    eps = 1e-3  # (smaller steps meet the inner solves' tolerance: 1e-4 agreed to 2e-4 only)
+    up, down = lam0.clone(), lam0.clone()
+    up[first] *= torch.exp(torch.tensor(eps, dtype=up.dtype))
+    down[first] *= torch.exp(torch.tensor(-eps, dtype=up.dtype))
+    fd = (query_loss(up) - query_loss(down)) / (2 * eps)
+    assert float(LAM * lam_grad[first].sum()) == pytest.approx(fd, rel=1e-4)
+    # Adam's first step moves each log λ_l by lr against the sign of its gradient (log λ in float32)
+    step = summary.state.lam.log() - lam0.log()
+    assert float(step[0]) == pytest.approx(-0.05 * (1 if fd > 0 else -1), rel=1e-5)
+    assert torch.equal(summary.state.lam, learned.per_parameter())
+    assert method.lam == LAM  # the method object is unchanged
+    with pytest.raises(ValueError, match="learned_lam learns iMAML's λ; FOMAML"):
+        meta_step(FOMAML(), fm, opt, [task], learned_lam=learned)
 
 
 # -- bad arguments ---------------------------------------------------------------------------

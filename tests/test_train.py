@@ -286,7 +286,7 @@ def test_training_on_a_device_matches_the_cpu(tmp_path, device):
     # its checkpoint loads on the CPU
     from imaml import conv4
     from imaml.checkpoint import load_checkpoint
-    from imaml.outer import batch_meta_gradient
+    from imaml.outer import mean_task_meta_gradient
     from imaml.registry import build_method
     from imaml.train import train
     # fixed steps and no tolerance: accept/reject and stopping decisions can flip on float32
@@ -298,7 +298,7 @@ def test_training_on_a_device_matches_the_cpu(tmp_path, device):
     fm = FunctionalModel(net)
     theta0 = fm.theta()
     tasks = synthetic_samplers()[0].batch(range(cfg.meta_batch)).tasks()
-    ref, _ = batch_meta_gradient(build_method(cfg.method_config()), fm, theta0, tasks)
+    ref, _ = mean_task_meta_gradient(build_method(cfg.method_config()), fm, theta0, tasks)
     train(cfg, str(tmp_path / "run"), progress=False, network=net, samplers=synthetic_samplers())
     state = load_checkpoint(tmp_path / "run" / "last.pt")["state_dict"]
     assert all(t.device.type == "cpu" for t in state.values())
@@ -358,6 +358,43 @@ def test_learned_lambda_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert float(mm.method.lam[0]) == pytest.approx(lam[first], rel=1e-6)
 
 
+@pytest.mark.parametrize("extra", [
+    ["learn_lam=true", "lam_lr=0.05"],
+    ["method=reptile", "inner_optimizer=adam", "inner_lr=0.01", "inner_steps=3",
+     "inner_carry=true", "outer=sgd", "outer_lr=0.5"]], ids=["learned_lam", "carried_moments"])
+def test_the_trainer_takes_the_outer_step_that_meta_step_takes(tmp_path, extra):
+    """One outer step for the trainer and for a user's loop: three iterations of ``train`` end
+    with the weights (and learned λ, or carried moments) that three ``meta_step`` calls reach
+    on the same tasks from the same network, optimizer and state."""
+    from imaml import FunctionalModel, conv4, meta_step
+    from imaml.outer import LearnedLam
+    from imaml.registry import adapt_names, build_method
+    from imaml.train import train
+    cfg = load_config(None, SYNTH + extra + ["meta_iters=3", "batching=loop", "val_every=100"])
+    torch.manual_seed(0)
+    summary = train(cfg, str(tmp_path / "run"), progress=False,
+                    network=conv4(1, 3, hidden=8, image_size=8), samplers=synthetic_samplers())
+    trained = load_checkpoint(tmp_path / "run" / "last.pt")
+    torch.manual_seed(0)
+    net = conv4(1, 3, hidden=8, image_size=8)
+    model = FunctionalModel(net, adapt=adapt_names(cfg.method_config()))
+    opt = (torch.optim.Adam(net.parameters(), lr=cfg.outer_lr) if cfg.outer == "adam"
+           else torch.optim.SGD(net.parameters(), lr=cfg.outer_lr))
+    learned = LearnedLam(model, cfg.lam, cfg.lam_lr) if cfg.learn_lam else None
+    method, sampler, state = build_method(cfg.method_config()), synthetic_samplers()[0], None
+    for it in range(3):
+        tasks = list(sampler.batch(range(it * cfg.meta_batch, (it + 1) * cfg.meta_batch)).tasks())
+        state = meta_step(method, model, opt, tasks, state, learned).state
+    for k, v in net.state_dict().items():
+        assert torch.allclose(trained["state_dict"][k], v, rtol=1e-5, atol=1e-7), k
+    if learned is not None:
+        assert summary["learned_lam"] == pytest.approx(learned.values(), rel=1e-6)
+        assert len(set(learned.values().values())) > 1
+    else:
+        assert trained["inner_t"] == state.inner_t == 9
+        assert torch.allclose(trained["inner_moments"], state.moments, rtol=1e-5, atol=1e-12)
+
+
 def test_carried_adam_moments_train_checkpoint_and_resume_exactly(tmp_path):
     """inner_carry (Reptile's own code never resets Adam): the moments run on from one
     meta-iteration to the next, the checkpoint keeps them (a resumed run ends as the
@@ -388,6 +425,10 @@ def test_carried_adam_moments_train_checkpoint_and_resume_exactly(tmp_path):
     net.load_state_dict(a["state_dict"])
     mm = MetaModel(net, build_method(a["method"]), {k: v for k, v in a.items() if k != "state_dict"})
     assert mm.method.inner.t0 == 12 and torch.equal(mm.method.inner.v0, a["inner_moments"][1])
+    # imaml eval --inner-steps 7 keeps them (it dropped them before)
+    from imaml.cli import overridden_method
+    changed = overridden_method(mm, {"inner_steps": 7}).inner
+    assert changed.steps == 7 and changed.t0 == 12 and torch.equal(changed.m0, a["inner_moments"][0])
     # (batched and looped moments agree in float64: tests/test_batched.py)
     with pytest.raises(ValueError, match="inner_carry carries the moments of an Adam"):
         load_config(None, ["method=reptile", "inner_carry=true"])

@@ -17,7 +17,8 @@ from .linear import (CGResult, LinearSolveResult, conjugate_gradient, dense_solv
 from .meta import FOMAML, IMAML, MAML, MetaGradient, Reptile, TruncatedMAML
 from .tasks import Task, TaskBatch
 from .models import conv4, miniimagenet_conv4, omniglot_conv4
-from .outer import batch_meta_gradient, meta_step
+from .batched import BatchMetaGradient, batch_meta_gradient
+from .outer import meta_step
 from .checkpoint import MetaModel
 
 __version__ = "0.1.0"
@@ -28,5 +29,5 @@ __all__ = [
     "LinearSolveResult", "conjugate_gradient", "minres", "dense_solve", "neumann_series", "IMAML",
     "MAML",
     "TruncatedMAML", "FOMAML", "Reptile", "Task", "TaskBatch", "MetaGradient", "conv4", "omniglot_conv4",
-    "miniimagenet_conv4", "batch_meta_gradient", "meta_step", "MetaModel", "implicit_solution",
+    "miniimagenet_conv4", "batch_meta_gradient", "BatchMetaGradient", "meta_step", "MetaModel", "implicit_solution",
 ]

@@ -102,27 +102,22 @@ class MetaModel:
         self.network, self.method, self.info = network, method, info
         self.image_shape = None  # [C, H, W] the network takes, where known (``load``)
         self.model = FunctionalModel(network, adapt=adapt_names(info.get("method", {})))
-        self.use_learned_lam()
-        self.use_inner_moments()
+        self.method = self.trained_state().apply(method)
 
-    def use_learned_lam(self) -> None:
-        """Give the method the λ per parameter tensor the run learned (config ``learn_lam``),
-        if it learned any."""
-        if self.info.get("learned_lam") is not None:
-            from .implicit import expand_lam
-            p = next(self.network.parameters())
-            lam = torch.tensor(self.info["learned_lam"], dtype=p.dtype, device=p.device)
-            self.method.lam = expand_lam(self.model, lam)
-
-    def use_inner_moments(self) -> None:
-        """Start adaptation from the Adam moments training carried (config ``inner_carry``),
-        as Reptile's own code does at test time, if the run carried any."""
-        moments = self.info.get("inner_moments")
-        if moments is not None:
-            p = next(self.network.parameters())
-            moments = moments.to(device=p.device, dtype=p.dtype)
-            self.method.inner = self.method.inner.with_moments(moments[0], moments[1],
-                                                               self.info["inner_t"])
+    def trained_state(self):
+        """What training carried into adaptation (an ``imaml.outer.OuterState``): the λ per
+        parameter tensor the run learned (config ``learn_lam``) and the Adam moments it carried
+        (config ``inner_carry``; adaptation starts from them, as in Reptile's own code), where
+        the run had them."""
+        from .implicit import expand_lam
+        from .outer import OuterState
+        p = next(self.network.parameters())
+        lam, moments = self.info.get("learned_lam"), self.info.get("inner_moments")
+        return OuterState(
+            None if lam is None else expand_lam(self.model, torch.tensor(lam, dtype=p.dtype,
+                                                                         device=p.device)),
+            None if moments is None else moments.to(device=p.device, dtype=p.dtype),
+            self.info.get("inner_t", 0))
 
     @classmethod
     def load(cls, path, device="cpu") -> "MetaModel":

@@ -16,6 +16,17 @@ def _synthetic(args) -> int:
     return 0
 
 
+def overridden_method(mm, changes):
+    """The method of a loaded ``MetaModel`` with some settings changed (``imaml eval``'s
+    --inner-steps, --inner-lr, --lam), keeping what training carried into adaptation: the
+    learned λ (unless λ is given) and Adam's carried moments."""
+    from .checkpoint import build_method
+    state = mm.trained_state()
+    if "lam" in changes:
+        state = state._replace(lam=None)
+    return state.apply(build_method({**mm.info["method"], **changes}))
+
+
 def _eval(args) -> int:
     from pathlib import Path
 
@@ -44,12 +55,8 @@ def _eval(args) -> int:
             raise ValueError(f"--lam is iMAML's proximal λ; this checkpoint's method is {method_cfg.get('name')}")
         changes["lam"] = args.lam
     if changes:  # the method checks the values; the message names the flags
-        from .checkpoint import build_method
-        method_cfg = {**method_cfg, **changes}
         try:
-            mm.method = build_method(method_cfg)
-            if "lam" not in changes:  # keep a learned λ
-                mm.use_learned_lam()
+            mm.method = overridden_method(mm, changes)
         except ValueError as e:
             flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items())
             raise ValueError(f"{flags}: {e}") from None

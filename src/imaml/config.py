@@ -10,7 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from .inner import GradientDescent, Nesterov, NewtonCG
+from .meta import IMAML, MAML, TruncatedMAML
 from .registry import METHOD_NAMES, build_method
+
+
+# the fields of TrainConfig a method is built from (``imaml.registry.build_method``, whose
+# defaults for a missing field are TrainConfig's: one home for them)
+METHOD_FIELDS = ("lam", "inner_lr", "inner_steps", "inner_tol", "inner_adaptive",
+                 "inner_step_rule", "momentum", "hf_steps", "cg_iters", "hf_damping",
+                 "cg_max_iter", "curvature", "linear_solver", "truncate", "prox_lam", "adapt",
+                 "inner_optimizer", "inner_batch", "inner_carry")
 
 
 @dataclass
@@ -26,14 +36,14 @@ class TrainConfig:
     queries: int = 1            # query images per class in meta-training tasks
     train_shots: Optional[int] = None  # support images per class in meta-training tasks (null: shots; Reptile trains with 10)
     eval_queries: int = 5       # ... and in validation / test tasks
-    # method (see imaml.checkpoint.build_method)
+    # method (imaml.registry.build_method); the defaults are the method and solver classes' own
     method: str = "imaml-gd"
-    lam: float = 2.0
-    inner_lr: float = 0.1
-    inner_steps: int = 16
-    inner_tol: float = 0.0      # δ: stop the inner solve at ‖∇G‖ ≤ lam·inner_tol
-    inner_adaptive: bool = False  # accept/reject step sizing from inner_lr (imaml.inner)
-    inner_step_rule: str = "grow"  # adaptive GD: 'grow' (x1.1 per accepted step) or 'bb' (Barzilai–Borwein)
+    lam: float = IMAML.lam
+    inner_lr: float = GradientDescent.lr
+    inner_steps: int = GradientDescent.steps
+    inner_tol: float = GradientDescent.tol  # δ: stop the inner solve at ‖∇G‖ ≤ lam·inner_tol
+    inner_adaptive: bool = GradientDescent.adaptive  # accept/reject step sizing from inner_lr (imaml.inner)
+    inner_step_rule: str = GradientDescent.step_rule  # adaptive GD: 'grow' (x1.1 per accepted step) or 'bb' (Barzilai–Borwein)
     # FOMAML and Reptile: 'gd', or 'adam' (β1 0, β2 0.999, fresh per task, as Reptile) on
     # mini-batches of inner_batch support examples (null: all)
     inner_optimizer: str = "gd"
@@ -42,15 +52,15 @@ class TrainConfig:
     # meta-batch) and into evaluation, as openai/supervised-reptile's code does; false: fresh
     # moments for every task
     inner_carry: bool = False
-    momentum: float = 0.9
-    hf_steps: int = 5
-    cg_iters: int = 5
-    hf_damping: float = 0.0     # iMAML-HF: initial Levenberg–Marquardt μ (0: undamped, Steihaug)
-    cg_max_iter: int = 5
-    curvature: str = "hessian"  # iMAML's system: exact Hessian, or 'ggn' (Gauss-Newton)
-    linear_solver: str = "cg"   # iMAML's linear solver: 'cg' or 'minres' (indefinite-safe)
-    truncate: int = 5
-    prox_lam: float = 0.0
+    momentum: float = Nesterov.momentum
+    hf_steps: int = NewtonCG.steps
+    cg_iters: int = NewtonCG.cg_iters
+    hf_damping: float = NewtonCG.damping  # iMAML-HF: initial Levenberg–Marquardt μ (0: undamped, Steihaug)
+    cg_max_iter: int = IMAML.cg_max_iter
+    curvature: str = IMAML.curvature  # iMAML's system: exact Hessian, or 'ggn' (Gauss-Newton)
+    linear_solver: str = IMAML.linear_solver  # iMAML's linear solver: 'cg' or 'minres' (indefinite-safe)
+    truncate: int = TruncatedMAML.truncate
+    prox_lam: float = MAML.lam  # the baselines' proximal λ (0: the plain support loss)
     # the parameters the inner loop adapts: comma-separated names or prefixes ('13.' is the
     # Conv-4 head: ANIL); null adapts all; the others are meta-only (imaml.FunctionalModel)
     adapt: Optional[str] = None
@@ -82,19 +92,12 @@ class TrainConfig:
 
 
     def method_config(self, eval: bool = False) -> Dict[str, Any]:
-        steps = self.eval_inner_steps if eval and self.eval_inner_steps else self.inner_steps
-        return {"name": self.method, "lam": self.lam, "inner_lr": self.inner_lr,
-                "inner_steps": steps, "inner_tol": self.inner_tol,
-                "inner_adaptive": self.inner_adaptive,
-                "inner_step_rule": self.inner_step_rule, "momentum": self.momentum,
-                "hf_steps": self.hf_steps, "cg_iters": self.cg_iters,
-                "hf_damping": self.hf_damping,
-                "cg_max_iter": self.cg_max_iter, "curvature": self.curvature,
-                "linear_solver": self.linear_solver,
-                "truncate": self.truncate,
-                "prox_lam": self.prox_lam, "adapt": self.adapt,
-                "inner_optimizer": self.inner_optimizer, "inner_batch": self.inner_batch,
-                "inner_carry": self.inner_carry}
+        """The method's settings (``METHOD_FIELDS`` and its ``name``), as ``build_method`` takes
+        them and checkpoints keep them; at evaluation ``eval_inner_steps`` where set."""
+        cfg = {"name": self.method, **{k: getattr(self, k) for k in METHOD_FIELDS}}
+        if eval and self.eval_inner_steps:
+            cfg["inner_steps"] = self.eval_inner_steps
+        return cfg
 
     def validate(self) -> None:
         if self.dataset not in ("omniglot", "miniimagenet"):

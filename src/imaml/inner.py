@@ -553,7 +553,7 @@ class NewtonCG(_Solver):
     negative curvature. ``damping=0`` (the default) is plain Newton-CG with Steihaug's rule.
     """
 
-    steps: int = 10
+    steps: int = 5
     cg_iters: int = 5
     tol: float = 0.0
     armijo: float = 1e-4

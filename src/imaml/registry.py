@@ -23,43 +23,43 @@ def build_method(cfg: Dict[str, Any]):
     inner_carry (carry its moments across meta-iterations),
     linear_solver ('cg' or 'minres'), truncate, prox_lam (the baselines' proximal λ, 0 by
     default). ``adapt`` (which parameters the inner loop adapts) belongs to the model:
-    ``adapt_names`` reads it for ``FunctionalModel``."""
-    name = cfg.get("name")
-    adam_inner = cfg.get("inner_optimizer", "gd") == "adam"
+    ``adapt_names`` reads it for ``FunctionalModel``. A field the dict lacks (a partial
+    dict, or a checkpoint written before the field existed) takes ``TrainConfig``'s default."""
+    from .config import TrainConfig  # (which imports this module)
+    cfg = {**TrainConfig().method_config(), "name": None, **cfg}  # TrainConfig's defaults
+    name, lam, lr, steps, tol = (cfg[k] for k in ("name", "lam", "inner_lr", "inner_steps",
+                                                   "inner_tol"))
+    adam_inner = cfg["inner_optimizer"] == "adam"
     if adam_inner and name not in ("fomaml", "reptile"):
         raise ValueError(f"inner_optimizer 'adam' is for fomaml and reptile (first-order "
                          f"methods); {name!r} uses its own inner solver")
-    lam, lr, steps = cfg.get("lam", 2.0), cfg.get("inner_lr", 0.1), cfg.get("inner_steps", 16)
-    tol, cg = cfg.get("inner_tol", 0.0), cfg.get("cg_max_iter", 5)
-    adaptive = cfg.get("inner_adaptive", False)
-    gd = GradientDescent(lr=lr, steps=steps, tol=tol, adaptive=adaptive,
-                         step_rule=cfg.get("inner_step_rule", "grow"))
-    nag = Nesterov(lr=lr, steps=steps, tol=tol, momentum=cfg.get("momentum", 0.9),
-                   adaptive=adaptive)
-    system = dict(cg_max_iter=cg, curvature=cfg.get("curvature", "hessian"),
-                  linear_solver=cfg.get("linear_solver", "cg"))
+    gd = GradientDescent(lr=lr, steps=steps, tol=tol, adaptive=cfg["inner_adaptive"],
+                         step_rule=cfg["inner_step_rule"])
+    nag = Nesterov(lr=lr, steps=steps, tol=tol, momentum=cfg["momentum"],
+                   adaptive=cfg["inner_adaptive"])
+    system = {k: cfg[k] for k in ("cg_max_iter", "curvature", "linear_solver")}
     if name == "imaml-gd":
         return IMAML(lam=lam, inner=gd, **system)
     if name == "imaml-nesterov":
         return IMAML(lam=lam, inner=nag, **system)
     if name == "imaml-hf":
-        hf = NewtonCG(steps=cfg.get("hf_steps", 5), cg_iters=cfg.get("cg_iters", 5), tol=tol,
-                      damping=cfg.get("hf_damping", 0.0))
+        hf = NewtonCG(steps=cfg["hf_steps"], cg_iters=cfg["cg_iters"], tol=tol,
+                      damping=cfg["hf_damping"])
         return IMAML(lam=lam, inner=hf, **system)
-    outer_lam = cfg.get("prox_lam", 0.0)  # baselines: plain inner loop unless asked
-    if cfg.get("inner_carry") and not adam_inner:
+    outer_lam = cfg["prox_lam"]  # baselines: plain inner loop unless asked
+    if cfg["inner_carry"] and not adam_inner:
         raise ValueError("inner_carry carries the moments of an Adam inner loop: set "
                          "inner_optimizer 'adam' (fomaml, reptile)")
     if adam_inner:
-        adam = Adam(lr=lr, steps=steps, batch_size=cfg.get("inner_batch"),
-                    carry=bool(cfg.get("inner_carry", False)))
+        adam = Adam(lr=lr, steps=steps, batch_size=cfg["inner_batch"],
+                    carry=bool(cfg["inner_carry"]))
         return (FOMAML if name == "fomaml" else Reptile)(inner=adam, lam=outer_lam)
     if name == "maml":
         return MAML(inner=gd, lam=outer_lam)
     if name == "maml-nesterov":
         return MAML(inner=nag, lam=outer_lam)
     if name == "truncated":
-        return TruncatedMAML(inner=gd, truncate=cfg.get("truncate", 5), lam=outer_lam)
+        return TruncatedMAML(inner=gd, truncate=cfg["truncate"], lam=outer_lam)
     if name == "fomaml":
         return FOMAML(inner=gd, lam=outer_lam)
     if name == "reptile":

@@ -25,8 +25,7 @@ from .distributed import (barrier, broadcast_parameters, from_rank0,
                           init_from_env, mean_meta_gradient, resolve_device)
 from .evaluate import evaluate
 from .functional import FunctionalModel, NonFiniteError
-from .implicit import expand_lam
-from .outer import apply_meta_gradient
+from .outer import LearnedLam, OuterState, outer_update
 from .records import (MetricsLog, RunLock, cell, plot_curves,  # noqa: F401 (re-exported)
                       read_metrics, write_json_atomic)
 from .registry import adapt_names, build_method, build_network
@@ -110,37 +109,6 @@ def _progress_line(cfg: TrainConfig, it: int, sec_per_it: float, elapsed: float,
             f"{elapsed / 60:.1f} min trained, about {left / 60:.0f} min left")
 
 
-class _LearnedLam:
-    """One λ per parameter tensor, learned in the outer loop (config ``learn_lam``): λ = exp(s),
-    Adam on s with ∂L/∂s_l = λ_l Σ_{i in tensor l} ∂L_test/∂λ_i, the gradient the implicit
-    layer gives (imaml.implicit)."""
-
-    def __init__(self, cfg: TrainConfig, model: FunctionalModel, device, state=None):
-        self.model = model
-        self.log_lam = torch.nn.Parameter(torch.full((len(model.numels),), math.log(cfg.lam),
-                                                     device=device))
-        self.opt = torch.optim.Adam([self.log_lam], lr=cfg.lam_lr)
-        if state is not None:
-            with torch.no_grad():
-                self.log_lam.copy_(state["log_lam"])
-            self.opt.load_state_dict(state["optimizer"])
-
-    def per_parameter(self) -> torch.Tensor:
-        return expand_lam(self.model, self.log_lam.detach().exp())
-
-    def step(self, lam_grad: torch.Tensor) -> None:
-        """An Adam step on s from the batch-mean ∂L_test/∂λ per parameter."""
-        per_tensor = torch.stack([c.sum() for c in torch.split(lam_grad, self.model.numels)])
-        self.log_lam.grad = (per_tensor * self.log_lam.detach().exp()).to(self.log_lam.dtype)
-        self.opt.step()
-
-    def values(self) -> Dict[str, float]:
-        return dict(zip(self.model.names, self.log_lam.detach().exp().tolist()))
-
-    def state(self) -> Dict[str, Any]:
-        return {"log_lam": self.log_lam.detach().clone(), "optimizer": self.opt.state_dict()}
-
-
 class _Run:
     """One run of meta-training: its state, and the steps ``train`` drives in order."""
 
@@ -205,27 +173,18 @@ class _Run:
         self.train_tasks, self.val_tasks = samplers if samplers is not None else _samplers(cfg, quiet)
         self.method = build_method(cfg.method_config())
         self.eval_method = build_method(cfg.method_config(eval=True))
-        self.lam = None
+        self.lam = None  # the learned λ (config learn_lam)
         if cfg.learn_lam:
-            self.lam = _LearnedLam(cfg, self.model, self.device, ck.get("learned_lam_state"))
-            self._use_lam()
-        self.moments, self.inner_t = ck.get("inner_moments"), ck.get("inner_t", 0)
-        if self.moments is not None:
-            self._use_moments(self.moments.to(self.device), self.inner_t)
+            self.lam = LearnedLam(self.model, cfg.lam, cfg.lam_lr, self.device,
+                                  ck.get("learned_lam_state"))
+        moments = ck.get("inner_moments")  # Adam's carried moments (config inner_carry)
+        self.state = OuterState(None if self.lam is None else self.lam.per_parameter(),
+                                None if moments is None else moments.to(self.device),
+                                ck.get("inner_t", 0))
         batching = cfg.batching
         if batching == "auto" and resume:
             batching = ck.get("batching", "auto")  # the choice made when the run started
         self.batching, self.warned = batching, False
-
-    def _use_lam(self) -> None:
-        self.method.lam = self.eval_method.lam = self.lam.per_parameter()
-
-    def _use_moments(self, moments: torch.Tensor, t: int) -> None:
-        """Carry Adam's moments (config ``inner_carry``) into the next meta-iteration and into
-        validation, whose adaptation starts from them too."""
-        self.moments, self.inner_t = moments, t
-        for method in (self.method, self.eval_method):
-            method.inner = method.inner.with_moments(moments[0], moments[1], t)
 
     def _resume(self) -> Dict[str, Any]:
         """Load last.pt into the network, the optimizer and the random-number state."""
@@ -366,12 +325,14 @@ class _Run:
                         tasks_drawn=iteration * cfg.meta_batch, reference=self.reference,
                         **({"learned_lam": list(self.lam.values().values()),
                             "learned_lam_state": self.lam.state()} if self.lam else {}),
-                        **({"inner_moments": self.moments.detach().cpu(),
-                            "inner_t": self.inner_t} if self.moments is not None else {}))
+                        **({"inner_moments": self.state.moments.detach().cpu(),
+                            "inner_t": self.state.inner_t}
+                           if self.state.moments is not None else {}))
 
     def validate(self, iteration: int, write) -> None:
         """Meta-validation of the current model; best.pt when it is the best so far."""
-        res = evaluate(self.eval_method, self.model, self.model.theta(), self.val_tasks,
+        # (adaptation from the learned λ and the carried moments too)
+        res = evaluate(self.state.apply(self.eval_method), self.model, self.model.theta(), self.val_tasks,
                        self.cfg.val_tasks, progress=False)
         self.metrics.log(iteration=iteration, split="val", accuracy=repr(res.mean),
                          ci95=repr(res.ci95), inner_grad_norm=cell(res.inner_grad_norm),
@@ -391,13 +352,14 @@ class _Run:
         """One outer step (Algorithm 1) on the tasks of iteration ``it``: (g, stats, seconds)."""
         t0 = time.perf_counter()
         indices = range((it - 1) * self.cfg.meta_batch, it * self.cfg.meta_batch)
+        method = self.state.apply(self.method)
         if self.batching == "auto":
-            self.batching, timings = _choose_batching(self.method, self.model, self.train_tasks,
+            self.batching, timings = _choose_batching(method, self.model, self.train_tasks,
                                                       indices, self.rank, self.world)
             if self.lead:
                 write(f"batching: vmap {timings['vmap']:.2f} s, loop {timings['loop']:.2f} s "
                       f"per meta-batch; using {self.batching}")
-        means, stats = mean_meta_gradient(self.method, self.model, self.model.theta(),
+        means, stats = mean_meta_gradient(method, self.model, self.model.theta(),
                                           self.train_tasks, indices, self.batching == "vmap",
                                           self.rank, self.world)
         for group in self.opt.param_groups:
@@ -407,12 +369,8 @@ class _Run:
             self.reference.update(loss=stats["loss"], param_norm=float(
                 torch.linalg.vector_norm(self.model.theta())))
         self._check_meta_gradient(it, g, stats["loss"])
-        apply_meta_gradient(self.model, self.opt, g)
-        if self.lam is not None:
-            self.lam.step(means["lam_grad"])
-            self._use_lam()
-        if "moments" in means:
-            self._use_moments(means["moments"], self.inner_t + self.method.inner.steps)
+        self.state = outer_update(self.model, self.opt, means, self.state, self.lam,
+                                  method.inner.steps)
         self._check_finite(it, stats["loss"])
         dt = time.perf_counter() - t0
         self.elapsed += dt
