@@ -70,7 +70,6 @@ def test_resume_reports_a_history_with_gaps(tmp_path):
 def test_a_diverged_outer_step_stops_before_any_checkpoint_is_overwritten(tmp_path, monkeypatch):
     from test_train import SYNTH, synthetic_samplers
     from imaml import conv4
-    from imaml import train as train_module
     from imaml import outer as outer_module
     from imaml.checkpoint import load_checkpoint
     from imaml.functional import NonFiniteError
@@ -377,7 +376,6 @@ def test_a_suspect_run_never_writes_over_its_last_good_checkpoint(tmp_path, monk
     """The weights grow 20x at iteration 3 (suspect, not yet diverged; the loss follows),
     then the run diverges: the checkpoints taken while it was suspect are not written,
     last.pt stays at iteration 2, and the message advises resuming from that one."""
-    from imaml import train as train_module
     from imaml import outer as outer_module
     from imaml.checkpoint import load_checkpoint
     from imaml.functional import NonFiniteError

@@ -12,7 +12,6 @@ and the number of tasks drawn.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -332,8 +331,8 @@ class _Run:
     def validate(self, iteration: int, write) -> None:
         """Meta-validation of the current model; best.pt when it is the best so far."""
         # (adaptation from the learned λ and the carried moments too)
-        res = evaluate(self.state.apply(self.eval_method), self.model, self.model.theta(), self.val_tasks,
-                       self.cfg.val_tasks, progress=False)
+        res = evaluate(self.state.apply(self.eval_method), self.model, self.model.theta(),
+                       self.val_tasks, self.cfg.val_tasks, progress=False)
         self.metrics.log(iteration=iteration, split="val", accuracy=repr(res.mean),
                          ci95=repr(res.ci95), inner_grad_norm=cell(res.inner_grad_norm),
                          inner_converged=cell(res.inner_converged))
