@@ -12,6 +12,7 @@ and the number of tasks drawn.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
