@@ -55,6 +55,7 @@ def _eval(args) -> int:
             raise ValueError(f"--lam is iMAML's proximal λ; this checkpoint's method is {method_cfg.get('name')}")
         changes["lam"] = args.lam
     if changes:  # the method checks the values; the message names the flags
+        method_cfg = {**method_cfg, **changes}  # (what --out records)
         try:
             mm.method = overridden_method(mm, changes)
         except ValueError as e:
