@@ -97,13 +97,13 @@ def _class_defaults():
     return found
 
 
-def _literal(default: str, classes=None) -> str:
+def _literal(default: str, classes) -> str:
     """A field's default as a literal: as written, or, where it names another class's default
-    (``lam: float = IMAML.lam``), that class's (or its bases') default, as written there."""
+    (``lam: float = IMAML.lam``), that class's (or its bases') default, as written there
+    (``classes``: ``_class_defaults()``)."""
     m = re.fullmatch(r"([A-Za-z_]\w*)\.([A-Za-z_]\w*)", default)
     if not m:
         return default
-    classes = _class_defaults() if classes is None else classes
     todo = [m.group(1)]
     while todo:
         attrs, bases = classes[todo.pop(0)]
