@@ -235,3 +235,64 @@ def test_batched_fixed_step_solve_leaves_once_every_task_has_converged():
         assert torch.allclose(history[i, :len(r.grad_norms)],
                               torch.tensor(r.grad_norms, dtype=torch.float64), rtol=1e-9)
     assert torch.allclose(states.phi, torch.stack([r.phi for r in loop]), rtol=1e-9, atol=1e-12)
+
+
+def test_a_solver_written_outside_the_library_serves_every_path():
+    """CONTRIBUTING's recipe for an inner solver, followed outside ``imaml.inner``: a heavy-ball
+    (Polyak momentum) solver is taken by IMAML and MAML, batches (vmapped = loop), and solved
+    tightly gives iMAML the meta-gradient that gradient descent solved tightly gives."""
+    from dataclasses import dataclass
+    from typing import NamedTuple
+    from imaml.inner import _Solver, _flags, _norm
+
+    class HeavyBallState(NamedTuple):
+        phi: torch.Tensor
+        grad_norm: torch.Tensor
+        converged: torch.Tensor
+        steps: torch.Tensor
+        rejected: torch.Tensor
+        velocity: torch.Tensor
+
+    @dataclass
+    class HeavyBall(_Solver):
+        lr: float = 0.1
+        beta: float = 0.5
+        steps: int = 10
+        tol: float = 0.0
+        report: bool = False
+
+        def init(self, problem, phi0):
+            no, zero, nan = _flags(phi0)
+            return HeavyBallState(phi0, nan, no, zero, zero, torch.zeros_like(phi0))
+
+        def step(self, problem, s, k, last):
+            g = problem.grad(s.phi)
+            n = _norm(g)
+            done = s.converged | self._met(problem, g, n)
+            v = self.beta * s.velocity - self.lr * g
+            return s._replace(phi=torch.where(done, s.phi, s.phi + v),
+                              velocity=torch.where(done, s.velocity, v),
+                              grad_norm=torch.where(done, n, s.grad_norm), converged=done,
+                              steps=s.steps + (~done).long()), n
+
+    fm, theta, tb = setup()
+    for method in (IMAML(inner=HeavyBall(steps=6), linear_solver="minres"),
+                   IMAML(inner=HeavyBall(steps=8, tol=0.05)), MAML(inner=HeavyBall(steps=3)),
+                   FOMAML(inner=HeavyBall(steps=3))):
+        r = batch_meta_gradient(method, fm, theta, tb)
+        ref = torch.stack([method.meta_gradient(fm, theta, t).grad for t in tb.tasks()])
+        assert float((r.grads - ref).norm() / ref.norm()) < 1e-10
+    # solved tightly, on a small network, both solvers give iMAML the same meta-gradient
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    small = FunctionalModel(net)
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.arange(3).repeat(4)
+    from imaml import Task
+    task = Task(x[:6], y[:6], x[6:], y[6:])
+    tight = dict(linear_solver="minres", cg_max_iter=200, cg_rtol=1e-13)
+    hb = IMAML(inner=HeavyBall(lr=0.2, steps=2000, tol=1e-10), **tight).meta_gradient(
+        small, small.theta(), task)
+    gd = IMAML(inner=GradientDescent(lr=0.2, steps=4000, tol=1e-10), **tight).meta_gradient(
+        small, small.theta(), task)
+    assert hb.inner.converged and gd.inner.converged
+    assert float((hb.grad - gd.grad).norm() / gd.grad.norm()) < 1e-8

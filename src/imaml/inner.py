@@ -159,13 +159,14 @@ class _Solver:
     """What ``run`` asks of a solver: ``init``/``step`` (per task when ``mapped``, else on a
     problem or a ``Batch`` as it is), ``logs_start`` (whether ``init`` evaluated ‖∇G(φ₀)‖, the
     history's first entry), ``stops`` (whether the loop can end before the step cap) and
-    ``finished``."""
+    ``finished``; ``unrollable``: whether MAML may back-propagate through its iterations."""
 
     steps: int
     tol: float
     report: bool
     mapped = True
     logs_start = False
+    unrollable = True  # its iterations are differentiable arithmetic that MAML can unroll
 
     @property
     def stops(self) -> bool:
@@ -470,6 +471,7 @@ class Adam(_Solver):
     v0: Optional[Tensor] = None
     t0: int = 0
     stops = False
+    unrollable = False  # (not tested as MAML's inner loop)
 
     def __post_init__(self):
         _check_args(self.steps, self.tol, self.lr)
@@ -566,6 +568,7 @@ class NewtonCG(_Solver):
     mapped = False
     logs_start = True
     stops = True
+    unrollable = False  # it detaches φ and its line search branches on values
 
     def __post_init__(self):
         _check_args(self.steps, self.tol)

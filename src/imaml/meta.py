@@ -29,7 +29,7 @@ from . import checks
 from .functional import (DEFAULT_HVP, FunctionalModel, ProximalProblem, check_finite,
                          _no_transform, curvature_product, inner_problem)
 from .implicit import adjoint_solve
-from .inner import Adam, GradientDescent, InnerResult, Nesterov, NewtonCG, run
+from .inner import Adam, GradientDescent, InnerResult, Nesterov, NewtonCG, _Solver, run
 from .tasks import Task
 from .linear import (CG_POLICIES, LINEAR_SOLVERS, LinearSolveResult, NegativeCurvatureError,
                      solve_result)
@@ -97,7 +97,7 @@ def _check_lam(lam, positive: bool) -> None:
 
 
 def _check_inner(inner) -> None:
-    checks.instance("inner", inner, (GradientDescent, Nesterov, NewtonCG, Adam),
+    checks.instance("inner", inner, (_Solver,),  # any solver of imaml.inner, a new one too
                     "an imaml inner solver (GradientDescent(...), Nesterov(...), NewtonCG(...) or "
                     "Adam(...); not a torch optimizer)")
 
@@ -314,7 +314,7 @@ class IMAML(_Method):
 
 @dataclass
 class MAML(_Baseline):
-    """MAML by full back-prop through the inner solver (GradientDescent or Nesterov).
+    """MAML by full back-prop through the inner solver (GradientDescent, Nesterov: ``unrollable``).
 
     With ``lam`` > 0 it differentiates through the iterations on the proximal G instead of L̂.
     Memory grows linearly with the number of inner steps.
@@ -324,8 +324,10 @@ class MAML(_Baseline):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.inner, (GradientDescent, Nesterov)):
-            raise ValueError("MAML back-propagates through GradientDescent or Nesterov only")
+        if not self.inner.unrollable:
+            raise ValueError("MAML back-propagates through an inner solver whose iterations "
+                             "autograd can unroll (GradientDescent, Nesterov, or a solver with "
+                             f"unrollable = True); {type(self.inner).__name__} is not one")
 
     def _unrolled(self, model, theta, xs, ys, sync):
         """The inner solve from θ as a differentiable function of θ: (state, history)."""
