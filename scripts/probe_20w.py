@@ -7,8 +7,9 @@ task of each candidate (Barzilai–Borwein GD, growth-rule GD, Nesterov, damped 
 the seconds of a whole meta-gradient (inner solve + 5 MINRES) of a meta-batch of 16 tasks,
 task by task and vmapped (imaml.batched), for the candidates that solved best.
 Run from the repository root with IMAML_DATA set:
-    python scripts/probe_20w.py [--no-fresh] [--no-timing] [LABEL=CHECKPOINT ...]
-(--no-fresh: skip the fresh network; --no-timing: skip the meta-gradient timings).
+    python scripts/probe_20w.py [--no-fresh] [--no-timing] [--hf] [LABEL=CHECKPOINT ...]
+(--no-fresh: skip the fresh network; --no-timing: skip the meta-gradient timings; --hf: the
+damped Newton-CG candidates for an iMAML-HF config instead).
 Output kept in docs/benchmarks/probe_20w.txt."""
 import sys
 import time
@@ -37,6 +38,16 @@ SOLVERS = {
     "Newton 10x5 damped 1": NewtonCG(steps=10, cg_iters=5, tol=0.05, damping=1.0),
 }
 TIMED = ("GD BB 25 from .002", "GD BB 50 from .002", "Newton 20x3 damped 1")
+# --hf: the Newton-CG candidates for an iMAML-HF 20-way config, with the damping that solved
+# Mini-ImageNet's problems (10) and the GD config's solver beside them for reference
+HF_SOLVERS = {
+    "GD BB 25 from .002": SOLVERS["GD BB 25 from .002"],
+    "Newton 20x3 damped 10": NewtonCG(steps=20, cg_iters=3, tol=0.05, damping=10.0),
+    "Newton 30x3 damped 10": NewtonCG(steps=30, cg_iters=3, tol=0.05, damping=10.0),
+    "Newton 20x5 damped 10": NewtonCG(steps=20, cg_iters=5, tol=0.05, damping=10.0),
+    "Newton 20x3 damped 3": NewtonCG(steps=20, cg_iters=3, tol=0.05, damping=3.0),
+}
+HF_TIMED = ("GD BB 25 from .002", "Newton 20x3 damped 10")
 
 cfg = load_config("configs/omniglot_20w1s_maml_cpu2h.json", [])
 sampler = task_sampler(cfg, "meta_val", 5, cfg.seed + 1, lambda m: None)
@@ -45,6 +56,8 @@ method = IMAML(lam=LAM, curvature="hessian")
 
 
 FLAGS = {a for a in sys.argv[1:] if a.startswith("--")}
+if "--hf" in FLAGS:
+    SOLVERS, TIMED = HF_SOLVERS, HF_TIMED
 
 
 def models():

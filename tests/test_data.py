@@ -99,13 +99,21 @@ def test_same_seed_same_tasks_in_a_new_process(tmp_path):
 @pytest.mark.slow
 @needs_mini
 def test_miniimagenet_csv_layout(cache):
-    splits = {s: load_miniimagenet(s, DATA) for s in ("meta_train", "meta_val", "meta_test")}
-    assert [splits[s].num_classes for s in splits] == [64, 16, 20]
-    names = [set(c.names) for c in splits.values()]
+    # the three split files as the loader reads them: 64/16/20 disjoint classes of 600 images
+    # (read, not decoded: decoding all 60,000 images took 44 s of a CI run)
+    from imaml.data.miniimagenet import SPLIT_FILES, _read_csv
+    root = Path(DATA) / "miniimagenet"
+    lists = {s: _read_csv(root / f"{SPLIT_FILES[s]}.csv") for s in SPLIT_FILES}
+    assert [len(lists[s]) for s in ("meta_train", "meta_val", "meta_test")] == [64, 16, 20]
+    assert {len(files) for per_class in lists.values() for files in per_class.values()} == {600}
+    names = [set(c) for c in lists.values()]
     assert not (names[0] & names[1]) and not (names[0] & names[2]) and not (names[1] & names[2])
-    assert tuple(splits["meta_val"].images.shape[1:]) == (3, 84, 84)
+    # one split decoded and cached (its 9,600 images), then loaded from the cache
+    val = load_miniimagenet("meta_val", DATA)
+    assert val.num_classes == 16 and set(val.names) == set(lists["meta_val"])
+    assert tuple(val.images.shape) == (16 * 600, 3, 84, 84) and val.images.dtype == torch.uint8
     again = load_miniimagenet("meta_val", DATA)  # from the cache
-    assert torch.equal(again.images, splits["meta_val"].images)
+    assert torch.equal(again.images, val.images)
 
 
 def write_pickle_cache(folder, split, classes, per_class=6):

@@ -189,7 +189,7 @@ from test_train import SYNTH, synthetic_samplers
 from imaml import conv4
 from imaml.train import load_config, train
 torch.manual_seed(0)
-cfg = load_config(None, SYNTH + ["meta_iters=400", "checkpoint_every=7", "val_every=50",
+cfg = load_config(None, SYNTH + ["meta_iters=200", "checkpoint_every=7", "val_every=50",
                                  "val_tasks=4", "inner_adaptive=false", "inner_tol=0",
                                  "inner_steps=2", "meta_batch=2"])
 train(cfg, sys.argv[1], resume=sys.argv[2] == "resume", progress=False,
@@ -200,7 +200,7 @@ train(cfg, sys.argv[1], resume=sys.argv[2] == "resume", progress=False,
 @pytest.mark.slow
 def test_repeated_sigkills_leave_a_whole_history_identical_to_an_uninterrupted_run(tmp_path):
     """SIGKILL at random moments (in steps, checkpoint writes, metrics appends), resume, again
-    and again over a 400-iteration run: the history ends complete and equal, row for row, to
+    and again over a 200-iteration run: the history ends complete and equal, row for row, to
     the run that was never killed."""
     import random
     import signal
@@ -218,7 +218,7 @@ def test_repeated_sigkills_leave_a_whole_history_identical_to_an_uninterrupted_r
     ref, run = tmp_path / "ref", tmp_path / "run"
     start = time.perf_counter()
     subprocess.run([sys.executable, str(driver), str(ref), "new"], check=True)
-    per_iteration = (time.perf_counter() - start) / 400  # start-up included: an overestimate
+    per_iteration = (time.perf_counter() - start) / 200  # start-up included: an overestimate
 
     def trained(run):  # iterations whose train row is on disk (a half-written line is not)
         path = run / "metrics.csv"
@@ -227,7 +227,7 @@ def test_repeated_sigkills_leave_a_whole_history_identical_to_an_uninterrupted_r
         return sum(",train," in line and line.endswith("\n")
                    for line in path.read_text().splitlines(keepends=True))
 
-    # Kill six times, each at a random iteration 20-60 past where the run stood, plus a random
+    # Kill six times, each at a random iteration 10-30 past where the run stood, plus a random
     # fraction of an iteration (in a step, a checkpoint write or a metrics append), then let it
     # finish. Kills are placed by the run's own progress, not by wall-clock fractions: a slow or
     # busy CI machine once let a resumed run finish before its timed kill came.
@@ -239,7 +239,7 @@ def test_repeated_sigkills_leave_a_whole_history_identical_to_an_uninterrupted_r
         if attempt == 6:
             assert proc.wait(timeout=600) == 0
             break
-        target = trained(run) + rng.randint(20, 60)
+        target = trained(run) + rng.randint(10, 30)
         deadline = time.perf_counter() + 600
         while proc.poll() is None and trained(run) < target and time.perf_counter() < deadline:
             time.sleep(0.01)
@@ -255,7 +255,7 @@ def test_repeated_sigkills_leave_a_whole_history_identical_to_an_uninterrupted_r
             import shutil
             shutil.rmtree(run, ignore_errors=True)
     assert resumed_kills >= 2, "too few kills of resumed runs to test anything: lengthen the run"
-    assert rows(run) == rows(ref) and len([r for r in rows(ref) if r[1] == "train"]) == 400
+    assert rows(run) == rows(ref) and len([r for r in rows(ref) if r[1] == "train"]) == 200
 
 
 # -- run folders: nothing overwritten, nothing mislabelled (issue 24) ---------------------------
