@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from imaml import (FOMAML, IMAML, MAML, Adam, FunctionalModel, GradientDescent, Nesterov,
-                   NewtonCG, Reptile, TruncatedMAML, conv4)
+                   NewtonCG, Reptile, Task, TruncatedMAML, conv4)
 from imaml.batched import batch_meta_gradient
 from imaml.data.sampler import TaskBatch
 from imaml.inner import Batch, run
@@ -287,7 +287,6 @@ def test_a_solver_written_outside_the_library_serves_every_path():
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
     small = FunctionalModel(net)
     x, y = torch.randn(12, 4, dtype=torch.float64), torch.arange(3).repeat(4)
-    from imaml import Task
     task = Task(x[:6], y[:6], x[6:], y[6:])
     tight = dict(linear_solver="minres", cg_max_iter=200, cg_rtol=1e-13)
     hb = IMAML(inner=HeavyBall(lr=0.2, steps=2000, tol=1e-10), **tight).meta_gradient(
