@@ -1,29 +1,13 @@
 """Inner solvers for the proximal problem min_φ G(φ) = L̂(φ) + (λ/2)‖φ − θ‖².
 
-Each solver stops after ``steps`` iterations or as soon as ‖∇G(φ)‖ ≤ λ·tol, which for a
-λ-strongly-convex G guarantees ‖φ − φ*‖ ≤ tol (the δ of Algorithm 2); with one λ per parameter
-(Λ = diag λᵢ) the test is ‖Λ⁻¹∇G(φ)‖ ≤ tol (``_Solver._met``). Each reports what it
-reached and why it stopped (``stop_reason``: 'tolerance', 'step_cap' or 'line_search').
-
-Every solver has the shape of jaxopt's and optax's: ``init(problem, φ₀) -> state`` and
-``step(problem, state, k, last) -> (state, ‖∇G‖ for the history)`` on a NamedTuple of tensors
-whose first fields are shared (``phi``, ``grad_norm``, ``converged``, ``steps``, ``rejected``),
-and ONE driver, ``run(solver, problem, φ₀)``, owns the loop: the early exit, the history and the
-final gradient (``solve`` turns what it returns into an ``InnerResult``). A task that has met
-its tolerance is frozen by masking, so the same code serves one task and a meta-batch:
-``problem`` is a ``ProximalProblem`` or a ``Batch`` of them, for which ``run`` maps the
-first-order solvers' ``init``/``step`` over the tasks with ``torch.func.vmap`` (Newton-CG maps
-its pieces itself: its line search leaves once every task of the batch has accepted a step).
-With ``sync=True`` (the default) ``run`` leaves the loop once every task has finished, at the
-price of one host synchronisation per step, and only when a tolerance is set; with
-``sync=False`` (inside a function transform) it runs every step. The iterations are plain
-differentiable arithmetic: run on a θ that requires grad, they can be unrolled by autograd (that
-is how the MAML baselines reuse them); iMAML runs them on a detached θ under ``torch.no_grad``
-and never keeps their history.
-
-Step rules (fixed, adaptive with Armijo's test, Barzilai–Borwein with a non-monotone test),
-Nesterov's restart and Newton-CG's damping are described in each class, and with why and what was
-measured in the documentation's inner-solver page (docs/solvers.md).
+Each solver stops after ``steps`` iterations or as soon as ‖∇G(φ)‖ ≤ λ·tol, which bounds
+‖φ − φ*‖ ≤ tol (the δ of Algorithm 2) where G is λ-strongly convex, and says why it stopped.
+A solver is ``init(problem, φ₀) -> state`` and ``step(problem, state, k, last)`` on a NamedTuple
+of tensors (jaxopt's and optax's shape); ONE driver, ``run``, owns the loop, the early exit, the
+history and the final gradient, for one ``ProximalProblem`` or a ``Batch`` of them (the steps
+vmapped over the tasks, a finished task frozen by masking). The iterations are differentiable
+arithmetic: MAML unrolls them; iMAML runs them under ``torch.no_grad``. Step rules, restarts,
+damping and the measurements behind them: the documentation's inner-solver page.
 """
 from __future__ import annotations
 
@@ -177,12 +161,7 @@ class _Solver:
 
     def _met(self, problem: ProximalProblem, g: Tensor, n: Tensor) -> Tensor:
         """Whether ∇G = g (of norm n) meets the tolerance: ‖∇G‖ ≤ λ·tol, and with one λ per
-        parameter (Λ = diag λᵢ) ‖Λ⁻¹∇G‖ ≤ tol, the same test for a scalar λ: the distance
-        to φ* of a Newton step on the proximal term alone (φ − φ* = Λ⁻¹∇G exactly where L̂
-        is locally flat). The bound ‖∇G‖ ≤ λ_min·tol would be stricter, and unattainable where
-        a tensor's λ is small: a learned λ of 0.08 on the head made it 25x smaller than the
-        other tensors' test, and 91% of the solves missed it (RESULTS.md, learned λ). Without
-        a tolerance (tol 0) it never holds."""
+        parameter ‖Λ⁻¹∇G‖ ≤ tol (why not λ_min·tol: the inner-solver page). Never for tol 0."""
         if self.tol <= 0:
             return torch.zeros((), dtype=torch.bool, device=g.device)
         if isinstance(problem.lam, Tensor):
@@ -443,20 +422,11 @@ class AdamState(NamedTuple):
 @dataclass
 class Adam(_Solver):
     """Adam (Kingma & Ba 2015) on G, optionally on mini-batches of ``batch_size`` support
-    examples: Reptile's inner loop (Nichol et al. 2018 use lr 1e-3, β1 = 0, β2 = 0.999,
-    batches of 10 of 10 shots x 5 ways in training, 5 iterations). It runs all ``steps`` (a
-    mini-batch gradient cannot tell that G is minimised); with ``tol`` or ``report`` the full
-    ‖∇G‖ at the returned φ is evaluated and reported.
-
-    Its moments start at zero for every task, or, with ``m0``/``v0``/``t0`` (``with_moments``),
-    from moments carried over ``t0`` earlier steps. Reptile's own code
-    (openai/supervised-reptile, which made the paper's numbers) never resets Adam: its
-    moments run on across tasks and meta-iterations, and test-time adaptation starts from
-    them too. With ``carry=True`` a solve also returns its final moments (``moments`` in the
-    result: [m, v]); the trainer carries their mean over a meta-batch's tasks into the next
-    meta-iteration (config ``inner_carry``), so tasks computed together, in a batch or on
-    other processes, start from the same moments: the moments of tasks taken one after
-    another, as in that code, average over fewer tasks per step but estimate the same E[g²]."""
+    examples: Reptile's inner loop (Nichol et al. 2018: lr 1e-3, β1 = 0, β2 = 0.999). It runs
+    all ``steps``; with ``tol`` or ``report`` the full ‖∇G‖ at the returned φ is reported. Its
+    moments start at zero, or (``with_moments``) from moments carried over ``t0`` earlier steps,
+    as Reptile's own code never resets them; with ``carry=True`` a solve returns its final
+    moments ([m, v]), whose batch mean the trainer carries on (config ``inner_carry``)."""
 
     lr: float = 1e-3
     steps: int = 5
@@ -532,28 +502,14 @@ class NewtonState(NamedTuple):
 @dataclass
 class NewtonCG(_Solver):
     """Hessian-free Newton (Martens 2010) for G: the direction solves ∇²G d = −∇G with
-    ``cg_iters`` CG steps (5 in iMAML-HF), then a backtracking Armijo line search.
-
-    Network Hessians are indefinite: when CG meets negative curvature it stops and returns
-    the last iterate (Steihaug's rule), which is still a descent direction; if that leaves no
-    descent direction, the step falls back to −∇G. The line search starts from twice the last
-    accepted step (at most 1, the Newton step): near a stall of Newton's method the accepted
-    steps are short, and restarting at 1 each time spent most evaluations on halvings
-    (scripts/probe_newton.py measured 760 against 206 objective evaluations over 100 steps). A
-    line search that finds no decrease in ``max_backtracks`` halvings leaves φ where it was,
-    ends the solve (``stop_reason`` 'line_search') and is counted in the result.
-    On a ``Batch`` (``run``) each piece of an iteration (``evaluate``, ``direction``, the
-    objective) is vmapped over the tasks; every task has its own step, damping and stopping
-    state, and the batch backtracks until each task has accepted a step or run out of halvings.
-
-    **Damping** (``damping`` μ₀ > 0; Levenberg–Marquardt, as in Martens 2010): the direction
-    solves (∇²G + μI) d = −∇G instead. Where the network Hessian makes ∇²G indefinite, a
-    large enough μ makes the system positive definite, so CG runs its iterations instead of
-    stopping at the first direction of negative curvature. μ adapts per task after each
-    accepted step from the reduction ratio ρ = (G(φ + t d) − G(φ)) / q(t d), q the undamped
-    quadratic model: μ·2/3 when ρ > 3/4, μ·3/2 when ρ < 1/4, and μ·3/2 whenever CG still met
-    negative curvature. ``damping=0`` (the default) is plain Newton-CG with Steihaug's rule.
-    """
+    ``cg_iters`` CG steps (5 in iMAML-HF), then a backtracking Armijo line search from twice the
+    last accepted step (at most 1, the Newton step; ``warm_start``). Where CG meets negative
+    curvature it returns its last iterate (Steihaug), and −∇G where that is no descent
+    direction. A line search without decrease in ``max_backtracks`` halvings ends the solve
+    (``stop_reason`` 'line_search'). ``damping`` μ₀ > 0 solves (∇²G + μI) d = −∇G instead, μ
+    adapted per task by Levenberg–Marquardt's rule (``_adapt_damping``); 0 is plain Newton-CG.
+    On a ``Batch`` each piece of an iteration is vmapped over the tasks, every task with its own
+    step, damping and stopping state."""
 
     steps: int = 5
     cg_iters: int = 5
