@@ -60,6 +60,17 @@ def test_time_to_accuracy_reads_run_records(tmp_path):
         run([str(tmp_path)], str(tmp_path / "out"))
 
 
+def test_time_to_accuracy_plot_never_hides_a_run():
+    from imaml.time_to_accuracy import y_limits
+    high = {"points": [(1.0, 10, 0.40), (10.0, 100, 0.80), (50.0, 500, 0.87)]}
+    low = {"points": [(20.0, 100, 0.54), (90.0, 242, 0.645)]}
+    # the floor (thresholds 80-90 %: 65) clips the high run's early 40 % ...
+    assert y_limits([high], 65.0) == (65.0, 92.0)
+    # ... but drops so that the low run's best point (64.5 %) is 5 points above the bottom
+    lo, hi = y_limits([high, low], 65.0)
+    assert lo == pytest.approx(59.5) and hi == pytest.approx(92.0)
+
+
 def test_time_to_accuracy_thresholds_from_the_command_line(tmp_path, capsys):
     from imaml.cli import main
     d = tmp_path / "r"

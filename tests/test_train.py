@@ -188,6 +188,9 @@ def test_train_eval_and_readme_checkpoint_api(tmp_path):
     assert "meta-test accuracy of the best model" in r.stdout
     final = json.loads((out / "final.json").read_text())
     assert final["test_tasks"] == 4
+    # ... and how far the inner solves of that test got (iMAML: the tolerance it states)
+    assert ("meta-test inner problem: mean ||grad G||" in r.stdout
+            and f"tolerance met on {100 * final['inner_converged']:.1f}%" in r.stdout)
     r = cli("eval", str(out / "best.pt"), "--tasks", "6", "--out", str(tmp_path / "e.json"))
     assert r.returncode == 0 and "95% CI over 6 tasks" in r.stdout
     # the final test is the evaluation protocol on the same meta-test tasks (seed 0)

@@ -124,6 +124,8 @@ def _train(args) -> int:
     if not args.no_test:
         final = test_best(cfg, out)
         print(f"meta-test accuracy of the best model: {final['result']}")
+        if final["inner_summary"]:
+            print(f"meta-test {final['inner_summary']}")
         if final["inner_warning"]:
             print(final["inner_warning"], file=sys.stderr)
     print(f"run folder: {out} (metrics.csv, curves.png, best.pt, last.pt)")

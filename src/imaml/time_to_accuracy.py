@@ -14,7 +14,7 @@ import io
 import json
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .records import plt, write_json_atomic, write_text_atomic
 
@@ -99,6 +99,16 @@ def table(curves: List[Dict], thresholds: Sequence[float] = THRESHOLDS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def y_limits(curves: List[Dict], floor: float) -> Tuple[float, float]:
+    """The plot's accuracy range (%): from ``floor`` (so that early low points do not squeeze
+    the rest to a line), lower where needed to keep each run's best point 5 points above it."""
+    accs = [100 * a for c in curves for _, _, a in c["points"]]
+    lo, hi = min(accs, default=50), max(accs, default=100)
+    floor = min([floor] + [100 * max(a for _, _, a in c["points"]) - 5
+                           for c in curves if c["points"]])
+    return max(lo, floor), min(100, hi + 5)
+
+
 def plot(curves: List[Dict], path, floor: float = 80.0) -> None:
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7.5, 4.5))
@@ -107,9 +117,7 @@ def plot(curves: List[Dict], path, floor: float = 80.0) -> None:
                 label=f"{c['label']} ({c['method']})")
     ax.set_xlabel("training wall time (minutes; validation excluded)")
     ax.set_ylabel("meta-validation accuracy (%)")
-    accs = [100 * a for c in curves for _, _, a in c["points"]]
-    lo, hi = min(accs, default=50), max(accs, default=100)
-    ax.set_ylim(max(lo, floor), min(100, hi + 5))  # (Mini-ImageNet's 40% not squeezed to a line)
+    ax.set_ylim(*y_limits(curves, floor))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(", ".join(sorted({c["setting"] for c in curves})))
@@ -120,7 +128,8 @@ def plot(curves: List[Dict], path, floor: float = 80.0) -> None:
 
 def run(runs: Sequence[str], out_dir: str, thresholds: Sequence[float] = THRESHOLDS) -> str:
     """Write time_to_accuracy.json/.md/.png into out_dir; returns the table. ``thresholds``
-    are accuracies in (0, 1]; the plot shows from 15 points below the lowest of them."""
+    are accuracies in (0, 1]; the plot shows from 15 points below the lowest of them, or lower
+    where a run's best is below that."""
     curves = [curve(r) for r in runs]
     if len({c["setting"] for c in curves}) > 1:
         raise ValueError("the runs are of different settings: "

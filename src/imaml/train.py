@@ -539,4 +539,5 @@ def test_best(cfg: TrainConfig, out_dir: str, progress: bool = True) -> Dict[str
              "inner_grad_norm": res.inner_grad_norm, "inner_grew": res.inner_grew,
              "inner_converged": res.inner_converged}
     write_json_atomic(final, out / "final.json")
-    return {**final, "result": str(res), "inner_warning": res.inner_warning}
+    return {**final, "result": str(res), "inner_warning": res.inner_warning,
+            "inner_summary": res.inner_summary()}
