@@ -13,7 +13,7 @@ if [ -f "$out/last.pt" ]; then
 fi
 # torchrun with 2 processes of 1 thread each (IMAML_PROCS to change): as fast as 2 threads on an
 # idle machine, and it keeps its pace beside another busy process where 2 spinning OpenMP threads
-# slow 3x (docs/getting-started.md, "The main job"). OMP_NUM_THREADS=1 is what the config asks.
+# slow 3x (docs/distributed.md, "Threads"). OMP_NUM_THREADS=1 is what the config asks.
 export OMP_NUM_THREADS=1
 exec .venv/bin/torchrun --standalone --nproc_per_node="${IMAML_PROCS:-2}" -m imaml.cli \
   train configs/quickstart.json --out "$out"
